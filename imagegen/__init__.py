@@ -1,0 +1,6 @@
+"""imagegen: train ImageGPT-style autoregressive pixel transformers with 2D-aware sparse attention.
+
+See README.md for the quick start and ../DESIGN notes for token order and pattern semantics.
+"""
+
+__version__ = "0.1.0"

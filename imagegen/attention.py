@@ -1,0 +1,170 @@
+"""Attention backends for the patterns of imagegen.patterns; all are exact, none is approximate.
+
+Inputs and outputs are (B, N, heads, D): what the QKV projection gives, so that `row` and `column`
+run on zero-copy views (DESIGN.md section 4). Backends:
+
+    reference  build_mask + masked SDPA: any pattern, CPU and GPU, O(N^2) memory (the ground truth)
+    axial      `row` and `column` as views of the sequence, SDPA/FlashAttention underneath
+    banded     `local` as each row of queries against its window of (rows+1) rows of keys: O(N*L)
+               memory, exact, with a backward on CPU and GPU
+    auto       the fastest exact backend per pattern and device (reference only where nothing else fits)
+
+`attend(q, k, v, spec, grid, params, backend)` runs one layer spec (several head groups, each a pattern
+or a merged union); `supports(backend, names)` says whether a backend can run a head group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from imagegen.patterns import LayerSpec, PatternParams, union_mask
+
+BACKENDS = ("auto", "reference", "axial", "banded")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The token grid: `height` rows of `width` pixels of `channels` tokens."""
+
+    height: int
+    width: int
+    channels: int = 1
+
+    @property
+    def row_len(self) -> int:
+        return self.width * self.channels
+
+    @property
+    def num_tokens(self) -> int:
+        return self.height * self.row_len
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}x{self.channels}"
+
+
+def _sdpa_heads_first(q, k, v, **kw):
+    """SDPA on (B, N, h, D) tensors (heads moved to dim 1 as strided views)."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
+    return y.transpose(1, 2)  # (B, N, h, D)
+
+
+def dense_attention(q, k, v, grid: Grid):
+    return _sdpa_heads_first(q, k, v, is_causal=True)
+
+
+@lru_cache(maxsize=32)
+def _cached_mask(names: tuple[str, ...], grid: Grid, params: PatternParams, device: torch.device):
+    return union_mask(names, grid.num_tokens, grid.row_len, params, device)
+
+
+def reference_attention(q, k, v, grid: Grid, names=("dense",), params: PatternParams = PatternParams()):
+    mask = _cached_mask(tuple(names), grid, params, q.device)  # (N, N), built once per shape/device
+    return _sdpa_heads_first(q, k, v, attn_mask=mask)
+
+
+def column_attention(q, k, v, grid: Grid):
+    """Same column and channel in every earlier row: sequence = image rows, (L, heads) = heads."""
+    B, N, h, D = q.shape
+    H, L = grid.height, grid.row_len
+
+    def view(t):  # (B, N, h, D) -> (B, H, L*h, D) -> (B, L*h, H, D); no copy when t is contiguous
+        return t.reshape(B, H, L * h, D).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(view(q), view(k), view(v), is_causal=True)  # (B, L*h, H, D)
+    return y.transpose(1, 2).reshape(B, N, h, D)
+
+
+def row_attention(q, k, v, grid: Grid):
+    """Same image row only: batch = (B, image rows), sequence = the row."""
+    B, N, h, D = q.shape
+    H, L = grid.height, grid.row_len
+
+    def view(t):  # (B, N, h, D) -> (B*H, L, h, D) -> (B*H, h, L, D)
+        return t.reshape(B * H, L, h, D).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(view(q), view(k), view(v), is_causal=True)  # (B*H, h, L, D)
+    return y.transpose(1, 2).reshape(B, N, h, D)
+
+
+@lru_cache(maxsize=32)
+def _band_mask(grid: Grid, rows: int, device: torch.device):
+    """(H, 1, L, (rows+1)*L): query i of image row r against key j of the window starting at row r-rows."""
+    H, L = grid.height, grid.row_len
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange((rows + 1) * L, device=device)[None, :]
+    r = torch.arange(H, device=device)[:, None, None]
+    d = rows * L + i - j  # distance q - k
+    exists = (r - rows) * L + j >= 0  # window keys before token 0 are padding
+    return ((d >= 0) & (d < rows * L) & exists)[:, None]
+
+
+def banded_local_attention(q, k, v, grid: Grid, rows: int = 1):
+    """`local` exactly, without an N x N mask: each image row of queries sees its (rows+1)-row window."""
+    B, N, h, D = q.shape
+    H, L = grid.height, grid.row_len
+    if rows >= H:  # the band covers the whole image: plain causal attention
+        return dense_attention(q, k, v, grid)
+
+    def windows(t):  # (B, N, h, D) -> (B*H, h, (rows+1)*L, D), the keys of each query row
+        t = t.reshape(B, H, L, h, D)
+        t = torch.cat([t.new_zeros(B, rows, L, h, D), t], dim=1)  # (B, H+rows, L, h, D)
+        t = t.unfold(1, rows + 1, 1)  # (B, H, L, h, D, rows+1)
+        return t.permute(0, 1, 3, 5, 2, 4).reshape(B * H, h, (rows + 1) * L, D)
+
+    qr = q.reshape(B, H, L, h, D).permute(0, 1, 3, 2, 4).reshape(B * H, h, L, D)
+    mask = _band_mask(grid, rows, q.device).repeat(B, 1, 1, 1)  # (B*H, 1, L, (rows+1)*L)
+    y = F.scaled_dot_product_attention(qr, windows(k), windows(v), attn_mask=mask)  # (B*H, h, L, D)
+    return y.view(B, H, h, L, D).permute(0, 1, 3, 2, 4).reshape(B, N, h, D)
+
+
+def _kernel(names: tuple[str, ...], backend: str):
+    """The function that runs one head group, or None when `backend` cannot run it."""
+    single = names[0] if len(names) == 1 else None
+    if backend == "reference":
+        return None
+    if backend in ("auto", "axial"):
+        if single == "column":
+            return column_attention
+        if single == "row":
+            return row_attention
+    if backend in ("auto", "banded") and single == "local":
+        return banded_local_attention
+    if backend == "auto" and single == "dense":
+        return dense_attention
+    return None
+
+
+def supports(backend: str, names: tuple[str, ...]) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    return backend in ("auto", "reference") or _kernel(names, backend) is not None
+
+
+def check_layout(specs: list[LayerSpec], backend: str) -> None:
+    """Fail before any work when a forced backend cannot run a pattern of the layout."""
+    for spec in specs:
+        for names in spec.groups:
+            if not supports(backend, names):
+                raise ValueError(
+                    f"attention backend {backend!r} cannot run pattern {'+'.join(names)!r}; "
+                    "use backend=auto (picks per pattern) or backend=reference"
+                )
+
+
+def attend(q, k, v, spec: LayerSpec, grid: Grid, params: PatternParams, backend: str = "auto"):
+    """One layer's attention: (B, N, h, D) x 3 -> (B, N, h, D), head groups run by their backends."""
+    outs = []
+    for names, h0, h1 in spec.head_groups(q.shape[2]):
+        qs, ks, vs = (t[:, :, h0:h1] for t in (q, k, v))
+        kernel = _kernel(names, backend)
+        if kernel is banded_local_attention:
+            outs.append(kernel(qs, ks, vs, grid, rows=params.rows))
+        elif kernel is not None:
+            outs.append(kernel(qs, ks, vs, grid))
+        else:
+            outs.append(reference_attention(qs, ks, vs, grid, names, params))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

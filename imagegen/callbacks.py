@@ -1,0 +1,77 @@
+"""Training callbacks: throughput and memory (`perf/*` metrics, the same names for every pattern)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+import lightning as L
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on `device`, or the process's peak RSS on a CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs perf/tokens_per_sec (training steps only, validation excluded), perf/tokens_seen and
+    perf/peak_mem_gb (GiB) every `every_n_steps` optimizer steps."""
+
+    def __init__(self, every_n_steps: int = 25):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+        self.every = every_n_steps
+        self.tokens_seen = 0
+        self._start = None
+        self._tokens = 0
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._start is None:
+            self._sync(pl_module)
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        tokens = batch.shape[0] * pl_module.grid.num_tokens * trainer.world_size
+        self._tokens += tokens
+        self.tokens_seen += tokens
+        if trainer.global_step % self.every == 0 and self._start is not None:
+            self._sync(pl_module)
+            elapsed = time.perf_counter() - self._start
+            pl_module.log("perf/tokens_per_sec", self._tokens / elapsed)
+            pl_module.log("perf/tokens_seen", float(self.tokens_seen))
+            pl_module.log("perf/peak_mem_gb", peak_memory_gib(pl_module.device))
+            self._start, self._tokens = time.perf_counter(), 0
+
+    def on_validation_start(self, trainer, pl_module):
+        self._start, self._tokens = None, 0  # restart the clock after validation
+
+    def state_dict(self):
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict):
+        self.tokens_seen = state_dict.get("tokens_seen", 0)
+
+
+class CrashCheckpoint(L.Callback):
+    """Saves `<dirpath>/on_exception.ckpt` when training raises (Ctrl-C included), so a crash loses nothing.
+
+    Unlike Lightning's OnExceptionCheckpoint it does not make `fit(ckpt_path=None)` resume from "last".
+    """
+
+    def __init__(self, dirpath: str, filename: str = "on_exception"):
+        self.path = os.path.join(dirpath, f"{filename}.ckpt")
+
+    def on_exception(self, trainer, pl_module, exception):
+        if trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+            if trainer.is_global_zero:
+                print(f"training stopped by {type(exception).__name__}; state saved to {self.path} "
+                      f"(resume with ckpt_path={self.path})")

@@ -1,0 +1,99 @@
+"""The LightningModule: tokenize on the device, next-token cross-entropy, bits/dim, AdamW + warmup/cosine.
+
+Hyperparameters are plain, resolved values (no DictConfig, no modules), so a checkpoint rebuilds with
+`ImageGPT.load_from_checkpoint(path)` alone. The tokenizer (with its fitted palette) is a submodule and
+travels in the state dict. `torch.compile` wraps the inner model without registering it, so saved keys
+have no `_orig_mod.` prefix and checkpoints load with or without compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from imagegen.model import ImageTransformer, ModelConfig
+from imagegen.tokenizers import build_tokenizer
+
+CHECKPOINT_FORMAT = 1
+
+
+class ImageGPT(L.LightningModule):
+    def __init__(self, model: dict, tokenizer: dict, optim: dict | None = None, compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = build_tokenizer(tokenizer)
+        cfg = ModelConfig(**model)
+        if cfg.vocab_size != self.tokenizer.vocab_size or cfg.channels != self.tokenizer.channels:
+            raise ValueError(
+                f"model (vocab {cfg.vocab_size}, {cfg.channels} tokens a pixel) does not match tokenizer "
+                f"{self.tokenizer.name} (vocab {self.tokenizer.vocab_size}, {self.tokenizer.channels} a pixel)"
+            )
+        self.model = ImageTransformer(cfg)
+        self.optim = {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1, "warmup_steps": 100,
+                      "min_lr_ratio": 0.1, **(optim or {})}
+        self.metric = self.tokenizer.metric  # bits_per_dim (subpixel) or bits_per_token (palette)
+        self._forward = self.model
+        if compile:
+            object.__setattr__(self, "_forward", torch.compile(self.model))  # not a registered submodule
+
+    @property
+    def grid(self):
+        return self.model.grid
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) images -> (B, N) tokens, checking the grid first."""
+        H, W = self.grid.height, self.grid.width
+        if images.shape[1:3] != (H, W):
+            raise ValueError(f"model expects {H}x{W} images, got {tuple(images.shape[1:3])}")
+        with torch.no_grad():
+            return self.tokenizer.encode(images)
+
+    def nll(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean next-token NLL in nats over all tokens of the batch."""
+        tokens = self.tokens(images)
+        logits = self._forward(tokens)  # (B, N, V)
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+
+    def training_step(self, images, batch_idx):
+        loss = self.nll(images)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, images, batch_idx):
+        loss = self.nll(images)
+        bs = images.shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"val/{self.metric}", loss / math.log(2), prog_bar=True, batch_size=bs, sync_dist=True)
+
+    def test_step(self, images, batch_idx):
+        loss = self.nll(images)
+        self.log(f"test/{self.metric}", loss / math.log(2), batch_size=images.shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]  # matrices (incl. embeddings)
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]  # norms, start token
+        on_cuda = all(p.is_cuda for p in decay + no_decay)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"], betas=tuple(o["betas"]), fused=on_cuda,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(int(o["warmup_steps"]), total)
+        floor = float(o["min_lr_ratio"])
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["imagegen"] = {"format": CHECKPOINT_FORMAT, "grid": str(self.grid),
+                                  "tokenizer": self.tokenizer.config()}

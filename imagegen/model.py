@@ -1,0 +1,186 @@
+"""The pixel-sequence transformer: a pre-LayerNorm GPT over the raster token grid (no Lightning here).
+
+    cfg = ModelConfig(vocab_size=512, height=64, width=64, channels=1, layout=["local", "column"])
+    model = ImageTransformer(cfg)
+    logits = model(tokens)          # tokens (B, N) long -> logits (B, N, V)
+
+Next-token contract (DESIGN.md section 2): logits[:, i] is the distribution of tokens[:, i] given
+tokens[:, :i]. Slot 0 holds a learned start embedding, slot i holds token i-1, and every slot carries
+the learned row + column + channel embedding of the token it predicts. Attention layer i uses
+layout[i % len(layout)] (see imagegen.patterns for the layer-spec grammar).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from imagegen.attention import Grid, attend, check_layout
+from imagegen.patterns import PatternParams, parse_layout
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    height: int
+    width: int
+    channels: int = 1
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 512
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    layout: list = field(default_factory=lambda: ["dense"])
+    pattern_params: dict = field(default_factory=dict)  # rows, block, summary (imagegen.patterns)
+    backend: str = "auto"
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "height", "width", "channels", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.layout = [str(s) for s in ([self.layout] if isinstance(self.layout, str) else self.layout)]
+        self.pattern_params = dict(self.pattern_params)
+        specs = parse_layout(self.layout)
+        for spec in specs:
+            spec.head_groups(self.n_head)  # raises if the heads do not split evenly
+        check_layout(specs, self.backend)
+        PatternParams(**self.pattern_params)  # validates
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.height, self.width, self.channels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        specs = parse_layout(cfg.layout)
+        self.spec = specs[layer % len(specs)]
+        self.grid = cfg.grid
+        self.params = PatternParams(**cfg.pattern_params)
+        self.backend = cfg.backend
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.n_head
+        # One batched matmul whose output is (3, B*N, C): q, k and v each come out contiguous, so the
+        # row/column views of imagegen.attention need no copy.
+        w = self.qkv.weight.view(3, C, C).transpose(1, 2)  # (3, C_in, C_out)
+        qkv = torch.matmul(x.reshape(1, B * N, C), w)  # (3, B*N, C)
+        q, k, v = (t.view(B, N, h, C // h) for t in qkv.unbind(0))  # each (B, N, h, D)
+        y = attend(q, k, v, self.spec, self.grid, self.params, self.backend)  # (B, N, h, D)
+        return self.dropout(self.proj(y.reshape(B, N, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg, layer)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ImageTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.start = nn.Parameter(torch.zeros(d))
+        self.row_emb = nn.Parameter(torch.zeros(cfg.height, d))
+        self.col_emb = nn.Parameter(torch.zeros(cfg.width, d))
+        self.chan_emb = nn.Parameter(torch.zeros(cfg.channels, d))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for p in (self.start, self.row_emb, self.col_emb, self.chan_emb):
+            nn.init.normal_(p, mean=0.0, std=0.02)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def grid(self) -> Grid:
+        return self.cfg.grid
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.row_emb.numel() + self.col_emb.numel() + self.chan_emb.numel()
+        return n
+
+    def position_embedding(self) -> torch.Tensor:
+        H, W, C, d = self.cfg.height, self.cfg.width, self.cfg.channels, self.cfg.n_embd
+        pos = self.row_emb[:, None, None] + self.col_emb[None, :, None] + self.chan_emb[None, None, :]  # (H, W, C, d)
+        return pos.reshape(H * W * C, d)
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        n = self.grid.num_tokens
+        if tokens.ndim != 2 or tokens.shape[1] != n:
+            raise ValueError(
+                f"this model was built for a {self.grid} grid ({n} tokens per image); "
+                f"got tokens of shape {tuple(tokens.shape)}"
+            )
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, N, d) before the LM head."""
+        self.check_tokens(tokens)
+        B, N = tokens.shape
+        x = self.tok_emb(tokens[:, :-1])  # (B, N-1, d): slot i+1 holds token i
+        x = torch.cat([self.start.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, N, d)
+        x = self.drop(x + self.position_embedding())
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(tokens))  # (B, N, V)
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats, computed in fp32."""
+        logits = self(tokens)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tokens.reshape(-1))

@@ -1,0 +1,171 @@
+"""Compose a training run from a Hydra config and run it (scripts/train.py is a thin wrapper).
+
+Order matters for users: everything cheap is checked first (sizes, patterns, paths, the checkpoint to
+resume), then data is read, the palette fitted, and only then does training start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from imagegen.lit import ImageGPT
+from imagegen.loggers import finish_wandb
+from imagegen.model import ModelConfig
+from imagegen.tokenizers import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def best_precision() -> str:
+    """bf16 mixed precision on GPUs that have it, full fp32 elsewhere."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+OmegaConf.register_new_resolver("imagegen.precision", best_precision, replace=True)
+
+
+def model_config(cfg: DictConfig, tokenizer) -> ModelConfig:
+    """The model's full config: pattern (model group) + size (size group) + grid (data and tokenizer)."""
+    m = cfg.model
+    return ModelConfig(
+        vocab_size=tokenizer.vocab_size, height=int(cfg.data.image_size), width=int(cfg.data.image_size),
+        channels=tokenizer.channels, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
+        mlp_ratio=m.mlp_ratio, dropout=m.dropout, layout=list(m.layout),
+        pattern_params=OmegaConf.to_container(m.params, resolve=True), backend=m.backend,
+        activation_checkpointing=resolve_auto(m.activation_checkpointing, not uses_gpu(cfg)),
+    )
+
+
+def uses_gpu(cfg: DictConfig) -> bool:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_auto(value, when_auto: bool) -> bool:
+    if value == "auto":
+        return when_auto
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true, false or auto, got {value!r}")
+    return value
+
+
+def checkpoint_mismatch(ckpt_path: str, model: dict, tokenizer: dict) -> list[str]:
+    """What differs between a checkpoint and the run that wants to resume it (empty when compatible)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters", {})
+    if "model" not in hp or "tokenizer" not in hp:
+        return [f"{ckpt_path} is not an imagegen checkpoint (no model/tokenizer hyperparameters)"]
+    diffs = []
+    for key in ("height", "width", "channels", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "layout"):
+        if hp["model"].get(key) != model.get(key):
+            diffs.append(f"model.{key}: checkpoint {hp['model'].get(key)!r}, this run {model.get(key)!r}")
+    for key in ("name", "num_colors"):
+        if hp["tokenizer"].get(key) != tokenizer.get(key):
+            diffs.append(f"tokenizer.{key}: checkpoint {hp['tokenizer'].get(key)!r}, this run {tokenizer.get(key)!r}")
+    return diffs
+
+
+def load_palette(tokenizer, path: str) -> None:
+    """Load a palette written by scripts/fit_palette.py."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer.path {path!r} does not exist (write one with scripts/fit_palette.py)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["palette"].shape != tokenizer.palette.shape:
+        raise ValueError(f"palette in {path} has {saved['palette'].shape[0]} colours, "
+                         f"tokenizer.num_colors is {tokenizer.vocab_size}")
+    tokenizer.palette.copy_(saved["palette"])
+    tokenizer.fitted.fill_(True)
+
+
+def build(node, **kwargs):
+    """hydra.utils.instantiate, but a bad value raises its own clear error rather than Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, FileNotFoundError, TypeError)):
+            raise e.__cause__ from None
+        raise
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The run's config as plain values (without Hydra's own node), for loggers."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+def fit_palette(cfg: DictConfig) -> str:
+    """Fit the palette of `cfg.tokenizer` on training pixels of `cfg.data`; save it to `cfg.out`."""
+    datamodule = build(cfg.data)
+    datamodule.check()
+    tokenizer = build_tokenizer(OmegaConf.to_container(cfg.tokenizer, resolve=True))
+    if tokenizer.name != "palette":
+        raise ValueError(f"only the palette tokenizer is fitted, not {tokenizer.name!r}")
+    tokenizer.fit(datamodule.sample_pixels(cfg.tokenizer.get("fit_images", 1000)))
+    torch.save({"palette": tokenizer.palette, "config": tokenizer.config()}, cfg.out)
+    print(f"saved a {tokenizer.vocab_size}-colour palette to {cfg.out}")
+    return cfg.out
+
+
+def build_logger(cfg: DictConfig):
+    if not cfg.get("logger"):
+        return False
+    return build(cfg.logger)
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train as `cfg` says; returns the final callback metrics as floats."""
+    L.seed_everything(cfg.seed, workers=True)
+    # 1. cheap checks, before any data is read
+    datamodule = build(cfg.data)
+    datamodule.check()
+    tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    tokenizer = build_tokenizer(tokenizer_cfg)
+    mcfg = model_config(cfg, tokenizer)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"ckpt_path {ckpt_path!r} does not exist")
+        diffs = checkpoint_mismatch(ckpt_path, mcfg.to_dict(), tokenizer.config())
+        if diffs:
+            raise ValueError(f"cannot resume from {ckpt_path}: it was trained with another configuration:\n  "
+                             + "\n  ".join(diffs))
+    compile_model = resolve_auto(cfg.compile, uses_gpu(cfg))
+    module = ImageGPT(model=mcfg.to_dict(), tokenizer=tokenizer.config(),
+                      optim=OmegaConf.to_container(cfg.optim, resolve=True), compile=compile_model)
+    # 2. the palette: from a file, from the checkpoint being resumed, or fitted on training pixels
+    if not module.tokenizer.is_fitted:
+        if tokenizer_cfg.get("path"):
+            load_palette(module.tokenizer, tokenizer_cfg["path"])
+        elif not ckpt_path:
+            rank_zero_info(f"fitting a {module.tokenizer.vocab_size}-colour palette on training pixels ...")
+            module.tokenizer.fit(datamodule.sample_pixels(cfg.tokenizer.get("fit_images", 1000)))
+    rank_zero_info(f"model: {mcfg.n_layer} layers, d={mcfg.n_embd}, {mcfg.n_head} heads, layout {mcfg.layout}, "
+                   f"grid {mcfg.grid} = {mcfg.grid.num_tokens} tokens, "
+                   f"{module.model.num_params() / 1e6:.2f}M non-embedding parameters")
+    # 3. train
+    logger = build_logger(cfg)
+    trainer = build(cfg.trainer, logger=logger, callbacks=build_callbacks(cfg),
+                          default_root_dir=cfg.paths.run_dir)
+    if logger:
+        trainer.logger.log_hyperparams(resolved_config(cfg))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        hint = finish_wandb(logger) if type(logger).__name__ == "WandbLogger" else None
+        if hint and trainer.is_global_zero:
+            print(hint)
+    rank_zero_info(f"run dir: {cfg.paths.run_dir}")
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,51 @@
+"""Shared fixtures: Hydra configs composed in-process with outputs redirected to tmp_path."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import imagegen.training  # noqa: F401  (registers the config resolvers)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+REPO = Path(__file__).resolve().parents[1]
+
+# A run that takes seconds on a CPU: 8x8 images, 2 layers, 16 colours.
+# overrides that only the default option of a group has: dropped when a test picks another option
+OPTION_SPECIFIC = {
+    "data=synthetic": ["data.num_train=64", "data.num_val=8", "data.num_test=8"],
+    "tokenizer=palette": ["tokenizer.num_colors=16", "tokenizer.fit_images=16"],
+}
+TINY = [o for opts in OPTION_SPECIFIC.values() for o in opts] + [
+    "size=tiny", "trainer=cpu", "logger=csv", "data.image_size=8", "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=4", "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0",
+    "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "compile=false",
+]
+
+
+def compose_cfg(overrides, run_dir):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """compose(extra_overrides, run_dir=None) -> a tiny CPU config writing under tmp_path."""
+
+    def make(*extra, run_dir=None):
+        base = list(TINY)
+        for option, specific in OPTION_SPECIFIC.items():
+            group = option.split("=")[0]
+            if any(e.startswith(group + "=") and e != option for e in extra):
+                base = [o for o in base if o not in specific]
+        return compose_cfg(base + list(extra), run_dir or tmp_path / "run")
+
+    return make

@@ -1,0 +1,134 @@
+"""End to end on a CPU: a tiny run writes last.ckpt and metrics, resume continues, wandb offline works,
+bad input fails early with a clear message."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from imagegen.lit import ImageGPT
+from imagegen.training import train
+
+from conftest import REPO
+
+
+def test_tiny_run_writes_checkpoint_and_metrics(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    metrics = train(cfg)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("train/loss", "val/loss", "val/bits_per_token", "perf/tokens_per_sec", "perf/peak_mem_gb"):
+        assert name in header
+    assert metrics["val/bits_per_token"] > 0
+
+
+def test_palette_travels_with_the_checkpoint(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("model=dense")
+    train(cfg)
+    restored = ImageGPT.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert restored.tokenizer.is_fitted
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert torch.equal(restored.tokenizer.palette, ckpt["state_dict"]["tokenizer.palette"])
+    assert restored.tokenizer.palette.unique(dim=0).shape[0] > 1
+    assert not any(k.startswith("_orig_mod") or "._orig_mod" in k for k in ckpt["state_dict"])
+
+
+def test_resume_continues_global_step_optimizer_and_schedule(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.max_steps=3", run_dir=tmp_path / "first"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=False)
+    assert first["global_step"] == 3
+    train(tiny_cfg("trainer.max_steps=6", f"ckpt_path={last}", run_dir=tmp_path / "second"))
+    second = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert second["global_step"] == 6
+    assert second["lr_schedulers"][0]["last_epoch"] == 6  # the schedule continued, not restarted
+    assert second["optimizer_states"][0]["state"][0]["step"].item() == 6  # so did AdamW's moments
+
+
+def test_subpixel_run_reports_bits_per_dim(tiny_cfg):
+    metrics = train(tiny_cfg("tokenizer=subpixel", "data.image_size=4", "model.layout=[column,local,local,local]"))
+    assert "val/bits_per_dim" in metrics and "val/bits_per_token" not in metrics
+
+
+def test_wandb_offline_run(tiny_cfg, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_cfg("logger=wandb", "logger.mode=offline"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert f"wandb sync {runs[0]}" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ errors, early
+
+
+def test_unknown_data_path(tiny_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        train(tiny_cfg("data=folder", f"data.path={tmp_path}/nowhere"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.image_size=0", "image_size must be positive"),
+    ("data.batch_size=0", "batch_size must be positive"),
+    ("model.n_layer=0", "n_layer must be a positive integer"),
+    ("model.n_embd=-32", "n_embd must be a positive integer"),
+    ("model.n_head=3", "not divisible by n_head"),
+    ("model.layout=[local,diagonal]", "unknown attention pattern 'diagonal'"),
+    ("model.backend=axial", "cannot run pattern 'local'"),
+])
+def test_bad_sizes_and_patterns(tiny_cfg, override, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_cfg(override))
+
+
+def test_checkpoint_of_another_grid_or_tokenizer_is_refused(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.max_steps=1", run_dir=tmp_path / "a"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"model.height: checkpoint 8, this run 12"):
+        train(tiny_cfg("data.image_size=12", f"ckpt_path={last}", run_dir=tmp_path / "b"))
+    with pytest.raises(ValueError, match=r"tokenizer.name: checkpoint 'palette', this run 'subpixel'"):
+        train(tiny_cfg("tokenizer=subpixel", f"ckpt_path={last}", run_dir=tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny_cfg(f"ckpt_path={tmp_path}/missing.ckpt", run_dir=tmp_path / "d"))
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before any work
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def run_script(args, cwd):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_command_line_sweep_runs_each_job_cleanly(tmp_path):
+    from conftest import TINY
+
+    overrides = [o for o in TINY if not o.startswith("+")] + ["trainer.max_steps=2"]
+    done = run_script(["-m", "model=dense,sparse", *overrides, f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert len(jobs) == 2
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert (job / "metrics.csv").is_file()
+    assert [j.name for j in jobs] == ["0_dense-tiny-palette", "1_sparse-tiny-palette"]
+
+
+def test_fit_palette_script_output_is_used_by_training(tiny_cfg, tmp_path):
+    out = tmp_path / "palette.pt"
+    env = {**os.environ}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "fit_palette.py"), f"out={out}",
+                           "data.image_size=8", "data.num_train=32", "data.num_workers=0", "tokenizer.num_colors=16",
+                           "tokenizer.fit_images=8"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    palette = torch.load(out, weights_only=True)["palette"]
+    train(tiny_cfg(f"tokenizer.path={out}", "trainer.max_steps=1"))
+    restored = ImageGPT.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert torch.equal(restored.tokenizer.palette, palette)
