@@ -7,6 +7,9 @@ run on zero-copy views (DESIGN.md section 4). Backends:
     axial      `row` and `column` as views of the sequence, SDPA/FlashAttention underneath
     banded     `local` as each row of queries against its window of (rows+1) rows of keys: O(N*L)
                memory, exact, with a backward on CPU and GPU
+    flex       FlexAttention (CUDA only: it has no CPU backward), any pattern as a mask_mod; compiled,
+               one BlockMask per (pattern, grid, device), and a recompile-limit hit raises instead of
+               silently falling back to the O(N^2) eager path
     auto       the fastest exact backend per pattern and device (reference only where nothing else fits)
 
 `attend(q, k, v, spec, grid, params, backend)` runs one layer spec (several head groups, each a pattern
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from imagegen.patterns import LayerSpec, PatternParams, union_mask
 
-BACKENDS = ("auto", "reference", "axial", "banded")
+BACKENDS = ("auto", "reference", "axial", "banded", "flex")
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,49 @@ def banded_local_attention(q, k, v, grid: Grid, rows: int = 1):
     return y.view(B, H, h, L, D).permute(0, 1, 3, 2, 4).reshape(B, N, h, D)
 
 
-def _kernel(names: tuple[str, ...], backend: str):
-    """The function that runs one head group, or None when `backend` cannot run it."""
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    import torch._dynamo.config as dynamo_config
+    from torch.nn.attention.flex_attention import flex_attention
+
+    for flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):  # name differs across torch versions
+        if hasattr(dynamo_config, flag):
+            setattr(dynamo_config, flag, True)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@lru_cache(maxsize=32)
+def _block_mask(names: tuple[str, ...], grid: Grid, params: PatternParams, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from imagegen.patterns import allowed
+
+    def mask_mod(b, h, q, k):
+        keep = allowed(names[0], q, k, grid.row_len, params)
+        for name in names[1:]:
+            keep = keep | allowed(name, q, k, grid.row_len, params)
+        return keep
+
+    n = grid.num_tokens
+    return create_block_mask(mask_mod, None, None, n, n, device=device)
+
+
+def flex_attention_pattern(q, k, v, grid: Grid, names=("local",), params: PatternParams = PatternParams()):
+    if not q.is_cuda:
+        raise RuntimeError("the flex backend runs on CUDA only (FlexAttention has no CPU backward); "
+                           "use backend=auto or banded/reference on a CPU")
+    block_mask = _block_mask(tuple(names), grid, params, q.device)
+    y = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    return y.transpose(1, 2)  # (B, N, h, D)
+
+
+def _kernel(names: tuple[str, ...], backend: str, on_cuda: bool = False):
+    """The function that runs one head group, or None when `backend` cannot run it (then: reference)."""
     single = names[0] if len(names) == 1 else None
     if backend == "reference":
         return None
+    if backend == "flex" or (backend == "auto" and on_cuda and single not in ("dense", "row", "column")):
+        return flex_attention_pattern  # any pattern is a mask_mod; on CUDA it beats the N x N reference
     if backend in ("auto", "axial"):
         if single == "column":
             return column_attention
@@ -160,9 +201,11 @@ def attend(q, k, v, spec: LayerSpec, grid: Grid, params: PatternParams, backend:
     outs = []
     for names, h0, h1 in spec.head_groups(q.shape[2]):
         qs, ks, vs = (t[:, :, h0:h1] for t in (q, k, v))
-        kernel = _kernel(names, backend)
+        kernel = _kernel(names, backend, q.is_cuda)
         if kernel is banded_local_attention:
             outs.append(kernel(qs, ks, vs, grid, rows=params.rows))
+        elif kernel is flex_attention_pattern:
+            outs.append(kernel(qs, ks, vs, grid, names, params))
         elif kernel is not None:
             outs.append(kernel(qs, ks, vs, grid))
         else:

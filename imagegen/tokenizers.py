@@ -93,7 +93,8 @@ class PaletteTokenizer(nn.Module):
         _check_images(images)
         self._require_fitted()
         B = images.shape[0]
-        return _nearest(images.reshape(-1, 3).float(), self.palette).view(B, -1)  # (B, H*W)
+        with torch.autocast(images.device.type, enabled=False):  # distances need fp32, not bf16
+            return _nearest(images.reshape(-1, 3).float(), self.palette.float()).view(B, -1)  # (B, H*W)
 
     def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         self._require_fitted()

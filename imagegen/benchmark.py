@@ -1,0 +1,112 @@
+"""Benchmarks behind scripts/benchmark.py: attention calls (dense FlashAttention vs our sparse backends).
+
+Times are medians of CUDA-event timings (triton.testing.do_bench) of forward + backward of one
+attention call on (B, N, heads, 64) bf16 inputs; dense is SDPA causal on the same shapes, same process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from imagegen.attention import Grid, attend
+from imagegen.patterns import LayerSpec, PatternParams, build_mask
+
+# (label, grid, batch): DESIGN.md section 4 shapes
+ATTENTION_SHAPES = [
+    ("64x64 palette", Grid(64, 64, 1), 16),
+    ("64x64x3 subpixel", Grid(64, 64, 3), 4),
+]
+SCALING_SHAPES = [("1K", Grid(32, 32, 1)), ("4K", Grid(64, 64, 1)), ("16K", Grid(128, 128, 1))]
+
+
+def time_ms(fn, quick: bool = False) -> float:
+    if not torch.cuda.is_available():  # CPU: a rough wall-clock median, for --quick smoke runs only
+        import time
+
+        fn()
+        ts = []
+        for _ in range(1 if quick else 5):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return sorted(ts)[len(ts) // 2]
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 500, return_mode="median")
+
+
+def attention_call(spec: str, grid: Grid, batch: int, heads: int = 8, dim: int = 64, backend: str = "auto",
+                   device: str = "cuda", dtype=torch.bfloat16):
+    """A closure running forward + backward of one attention call, on fresh random inputs."""
+    n = grid.num_tokens
+    q, k, v = (torch.randn(batch, n, heads, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(batch, n, heads, dim, device=device, dtype=dtype)
+    layer, params = LayerSpec.parse(spec), PatternParams()
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        attend(q, k, v, layer, grid, params, backend).backward(g)
+
+    return step
+
+
+def attended_pairs(pattern: str, grid: Grid) -> int:
+    if pattern == "dense":
+        n = grid.num_tokens
+        return n * (n + 1) // 2
+    return int(build_mask(pattern, grid.height, grid.width, grid.channels).sum())
+
+
+def bench_attention(quick: bool = False, device: str | None = None) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = [("quick", Grid(8, 8, g.channels), 2) for _, g, _ in ATTENTION_SHAPES] if quick else ATTENTION_SHAPES
+    rows = []
+    for label, grid, batch in shapes:
+        res = {"shape": label, "N": grid.num_tokens, "batch": batch}
+        for spec in ("dense", "local", "column", "row"):
+            res[spec] = time_ms(attention_call(spec, grid, batch, device=device, dtype=dtype), quick)
+        res["sparse_mean"] = (res["local"] + res["column"]) / 2
+        res["speedup_local"] = res["dense"] / res["local"]
+        res["speedup_column"] = res["dense"] / res["column"]
+        res["speedup_mean"] = res["dense"] / res["sparse_mean"]
+        rows.append(res)
+    scaling = []
+    for label, grid in ([("quick", Grid(4, 4 * i, 1)) for i in (1, 2, 3)] if quick else SCALING_SHAPES):
+        n = grid.num_tokens
+        dense_t = time_ms(attention_call("dense", grid, 4, device=device, dtype=dtype), quick)
+        local_t = time_ms(attention_call("local", grid, 4, device=device, dtype=dtype), quick)
+        column_t = time_ms(attention_call("column", grid, 4, device=device, dtype=dtype), quick)
+        sparse_pairs = (attended_pairs("local", grid) + attended_pairs("column", grid)) // 2
+        scaling.append({"seq": label, "N": n, "dense_pairs": attended_pairs("dense", grid),
+                        "sparse_pairs": sparse_pairs, "n_sqrt_n": int(n * math.sqrt(n)),
+                        "dense_ms": dense_t, "sparse_ms": (local_t + column_t) / 2})
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype)[6:],
+            "torch": torch.__version__, "attention": rows, "scaling": scaling}
+
+
+def format_attention(result: dict) -> str:
+    out = [f"Attention, one call forward+backward, {result['dtype']}, head dim 64, 8 heads "
+           f"({result['device']}, torch {result['torch']}; times are medians)",
+           "| shape | N | batch | dense FA | local | column | row | mean(local, column) | x dense |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["attention"]:
+        out.append(f"| {r['shape']} | {r['N']} | {r['batch']} | {r['dense']:.3f} ms | {r['local']:.3f} ms "
+                   f"({r['speedup_local']:.1f}x) | {r['column']:.3f} ms ({r['speedup_column']:.1f}x) | {r['row']:.3f} ms | "
+                   f"{r['sparse_mean']:.3f} ms | {r['speedup_mean']:.2f}x |")
+    out += ["", "Scaling (batch 4, 8 heads; sparse = mean of local and column layers)",
+            "| sequence | N | attended pairs dense | sparse | N*sqrt(N) | dense time | sparse time | x dense |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in result["scaling"]:
+        out.append(f"| {r['seq']} | {r['N']} | {r['dense_pairs']:,} | {r['sparse_pairs']:,} | {r['n_sqrt_n']:,} | "
+                   f"{r['dense_ms']:.3f} ms | {r['sparse_ms']:.3f} ms | {r['dense_ms'] / r['sparse_ms']:.1f}x |")
+    return "\n".join(out)
+
+
+def save(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
