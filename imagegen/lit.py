@@ -60,6 +60,7 @@ class ImageGPT(L.LightningModule):
     def training_step(self, images, batch_idx):
         loss = self.nll(images)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def validation_step(self, images, batch_idx):
@@ -77,9 +78,10 @@ class ImageGPT(L.LightningModule):
         decay = [p for p in self.model.parameters() if p.ndim >= 2]  # matrices (incl. embeddings)
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]  # norms, start token
         on_cuda = all(p.is_cuda for p in decay + no_decay)
+        scaled = str(self.trainer.precision).startswith("16")  # fp16 loss scaling: fused AdamW would unscale
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"], betas=tuple(o["betas"]), fused=on_cuda,
+            lr=o["lr"], betas=tuple(o["betas"]), fused=on_cuda and not scaled,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(int(o["warmup_steps"]), total)
@@ -93,6 +95,18 @@ class ImageGPT(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by global norm ourselves: Lightning refuses to clip for a fused optimizer under AMP, but
+        without loss scaling (fp32, bf16-mixed) the gradients are already unscaled and clipping is exact."""
+        if not gradient_clip_val:
+            return
+        if str(self.trainer.precision).startswith("16"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"gradient_clip_algorithm {gradient_clip_algorithm!r} is not supported; use norm")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+        self.log("train/grad_norm", norm)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["imagegen"] = {"format": CHECKPOINT_FORMAT, "grid": str(self.grid),
