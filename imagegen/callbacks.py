@@ -7,6 +7,7 @@ import resource
 import time
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 
 
@@ -75,3 +76,27 @@ class CrashCheckpoint(L.Callback):
             if trainer.is_global_zero:
                 print(f"training stopped by {type(exception).__name__}; state saved to {self.path} "
                       f"(resume with ckpt_path={self.path})")
+
+
+class PatternPictures(L.Callback):
+    """At the start of training, draws the model's attention layout (masks on a small grid, and the
+    receptive field of one pixel after 1-3 layers) into `<dirpath>/` and logs it to wandb."""
+
+    def __init__(self, dirpath: str, grid: int = 12):
+        self.dirpath, self.grid = dirpath, grid
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module):
+        from imagegen.pictures import masks_picture, receptive_field_picture
+
+        cfg = pl_module.model.cfg
+        names = sorted({n for spec in cfg.layout for group in spec.split("|") for n in group.split("+")})
+        os.makedirs(self.dirpath, exist_ok=True)
+        pictures = {
+            "masks": masks_picture(names, 6, 6, cfg.channels, **cfg.pattern_params),
+            "receptive_field": receptive_field_picture({"this model": cfg.layout}, self.grid, self.grid, cfg.channels),
+        }
+        for name, image in pictures.items():
+            image.save(os.path.join(self.dirpath, f"{name}.png"))
+        if hasattr(trainer.logger, "log_image"):  # wandb
+            trainer.logger.log_image(key="patterns", images=list(pictures.values()), caption=list(pictures))

@@ -23,6 +23,7 @@ def test_tiny_run_writes_checkpoint_and_metrics(tiny_cfg, tmp_path):
     for name in ("train/loss", "val/loss", "val/bits_per_token", "perf/tokens_per_sec", "perf/peak_mem_gb"):
         assert name in header
     assert metrics["val/bits_per_token"] > 0
+    assert (run / "patterns" / "masks.png").is_file() and (run / "patterns" / "receptive_field.png").is_file()
 
 
 def test_palette_travels_with_the_checkpoint(tiny_cfg, tmp_path):
