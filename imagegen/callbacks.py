@@ -100,3 +100,31 @@ class PatternPictures(L.Callback):
             image.save(os.path.join(self.dirpath, f"{name}.png"))
         if hasattr(trainer.logger, "log_image"):  # wandb
             trainer.logger.log_image(key="patterns", images=list(pictures.values()), caption=list(pictures))
+
+
+class SampleGrid(L.Callback):
+    """Every `every_n_steps` optimizer steps, samples `num_samples` images with the KV-cache sampler and
+    saves them as `<dirpath>/step_XXXXXXX.png` (and logs them to wandb). every_n_steps=0 turns it off."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 16, temperature: float = 1.0,
+                 seed: int = 0):
+        if every_n_steps < 0 or num_samples < 1:
+            raise ValueError("SampleGrid needs every_n_steps >= 0 and num_samples >= 1")
+        self.dirpath, self.every, self.n, self.temperature, self.seed = dirpath, every_n_steps, num_samples, temperature, seed
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not self.every or step % self.every:
+            return
+        from imagegen.api import Pipeline
+        from imagegen.commands import save_grid
+
+        was_training = pl_module.model.training
+        images = Pipeline(pl_module.model, pl_module.tokenizer).sample(self.n, self.temperature, seed=self.seed)
+        pl_module.model.train(was_training)
+        pl_module.tokenizer.train(was_training)
+        path = os.path.join(self.dirpath, f"step_{step:07d}.png")
+        save_grid(images, path, nrow=max(1, int(self.n**0.5)))
+        if hasattr(trainer.logger, "log_image"):  # wandb
+            trainer.logger.log_image(key="samples", images=[path], step=step)

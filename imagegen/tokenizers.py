@@ -8,7 +8,7 @@ Both are nn.Modules so that a fitted palette is a buffer that travels with the c
     tok = build_tokenizer({"name": "palette", "num_colors": 512})
     tok.fit(pixels)                 # uint8 (P, 3) training pixels; fixed seed
     tokens = tok.encode(images)     # (B, H*W*channels) long
-    images = tok.decode(tokens, height, width)
+    images = tok.decode(tokens)     # (B, H, W, 3); square unless height/width are given
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class SubpixelTokenizer(nn.Module):
         _check_images(images)
         return images.reshape(images.shape[0], -1).long()  # (B, H, W, 3) -> (B, H*W*3)
 
-    def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        height, width = _image_shape(tokens, self.channels, height, width)
         return tokens.clamp(0, 255).to(torch.uint8).reshape(tokens.shape[0], height, width, 3)
 
 
@@ -96,8 +97,9 @@ class PaletteTokenizer(nn.Module):
         with torch.autocast(images.device.type, enabled=False):  # distances need fp32, not bf16
             return _nearest(images.reshape(-1, 3).float(), self.palette.float()).view(B, -1)  # (B, H*W)
 
-    def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
         self._require_fitted()
+        height, width = _image_shape(tokens, self.channels, height, width)
         rgb = self.palette[tokens.clamp(0, self.vocab_size - 1)]  # (B, N, 3)
         return rgb.round().clamp(0, 255).to(torch.uint8).reshape(tokens.shape[0], height, width, 3)
 
@@ -125,6 +127,21 @@ def _kmeans_pp(points: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor
         centers = torch.cat([centers, nxt])
         dist = torch.minimum(dist, ((sub - nxt) ** 2).sum(1))
     return centers
+
+
+def _image_shape(tokens: torch.Tensor, channels: int, height, width) -> tuple[int, int]:
+    """(height, width) of the images behind (B, N) tokens: as given, else square."""
+    pixels = tokens.shape[1] // channels
+    if height is None and width is None:
+        side = int(round(pixels**0.5))
+        if side * side * channels != tokens.shape[1]:
+            raise ValueError(f"{tokens.shape[1]} tokens are not a square image; pass height and width")
+        return side, side
+    height = height or pixels // width
+    width = width or pixels // height
+    if height * width * channels != tokens.shape[1]:
+        raise ValueError(f"{tokens.shape[1]} tokens do not make {height}x{width} images of {channels} tokens a pixel")
+    return height, width
 
 
 def _check_images(images: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 OPTION_SPECIFIC = {
     "data=synthetic": ["data.num_train=64", "data.num_val=8", "data.num_test=8"],
     "tokenizer=palette": ["tokenizer.num_colors=16", "tokenizer.fit_images=16"],
+    "callbacks=default": ["callbacks.sample_grid.every_n_steps=0"],  # sampling is tested on its own
 }
 TINY = [o for opts in OPTION_SPECIFIC.values() for o in opts] + [
     "size=tiny", "trainer=cpu", "logger=csv", "data.image_size=8", "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=4", "trainer.val_check_interval=2",
