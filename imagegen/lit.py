@@ -35,9 +35,9 @@ class ImageGPT(L.LightningModule):
         self.optim = {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1, "warmup_steps": 100,
                       "min_lr_ratio": 0.1, **(optim or {})}
         self.metric = self.tokenizer.metric  # bits_per_dim (subpixel) or bits_per_token (palette)
-        self._forward = self.model
-        if compile:
-            object.__setattr__(self, "_forward", torch.compile(self.model))  # not a registered submodule
+        # what training calls: the model, or its compiled wrapper; never a registered submodule, so the
+        # state dict holds each weight once, without an `_orig_mod.` prefix
+        object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
 
     @property
     def grid(self):

@@ -34,7 +34,7 @@ def test_palette_travels_with_the_checkpoint(tiny_cfg, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert torch.equal(restored.tokenizer.palette, ckpt["state_dict"]["tokenizer.palette"])
     assert restored.tokenizer.palette.unique(dim=0).shape[0] > 1
-    assert not any(k.startswith("_orig_mod") or "._orig_mod" in k for k in ckpt["state_dict"])
+    assert all(k.startswith(("model.", "tokenizer.")) and "_orig_mod" not in k for k in ckpt["state_dict"])
 
 
 def test_resume_continues_global_step_optimizer_and_schedule(tiny_cfg, tmp_path):
