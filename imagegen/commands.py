@@ -7,13 +7,13 @@ import math
 import os
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 import imagegen
 from imagegen.data import load_image, readable_images
+from imagegen.training import build
 
 
 def pick_device(name: str) -> str:
@@ -73,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict:
     g = pipe.grid
     with open_dict(cfg):
         cfg.data.image_size = g.height  # the model's grid decides the image size
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)  # a bad data value raises its own clear error
     datamodule.check()
     dataset = datamodule.dataset(cfg.split)
     if len(dataset) == 0:

@@ -6,7 +6,6 @@ resume), then data is read, the palette fitted, and only then does training star
 
 from __future__ import annotations
 
-import logging
 import os
 
 import lightning as L
@@ -20,8 +19,6 @@ from imagegen.lit import ImageGPT
 from imagegen.loggers import finish_wandb
 from imagegen.model import ModelConfig
 from imagegen.tokenizers import build_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def best_precision() -> str:
