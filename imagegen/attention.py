@@ -7,10 +7,15 @@ run on zero-copy views (DESIGN.md section 4). Backends:
     axial      `row` and `column` as views of the sequence, SDPA/FlashAttention underneath
     banded     `local` as each row of queries against its window of (rows+1) rows of keys: O(N*L)
                memory, exact, with a backward on CPU and GPU
+    flash      `local` as FlashAttention-2's sliding window (CUDA, bf16/fp16): the varlen kernel over the
+               contiguous (B*N, heads, D) projection with window (rows*L - 1, 0): no mask, no copy, and
+               only the key blocks inside the band are visited (imagegen.window_attention)
     flex       FlexAttention (CUDA only: it has no CPU backward), any pattern as a mask_mod; compiled,
                one BlockMask per (pattern, grid, device), and a recompile-limit hit raises instead of
                silently falling back to the O(N^2) eager path
-    auto       the fastest exact backend per pattern and device (reference only where nothing else fits)
+    auto       the fastest exact backend per pattern, device and dtype (reference only where nothing
+               else fits): on CUDA local -> flash (flex where flash cannot run), column/row -> axial,
+               dense -> FlashAttention, other patterns and unions -> flex; on CPU local -> banded
 
 `attend(q, k, v, spec, grid, params, backend)` runs one layer spec (several head groups, each a pattern
 or a merged union); `supports(backend, names)` says whether a backend can run a head group.
@@ -25,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from imagegen.patterns import LayerSpec, PatternParams, union_mask
+from imagegen.window_attention import flash_window_runs, window_attention
 
-BACKENDS = ("auto", "reference", "axial", "banded", "flex")
+BACKENDS = ("auto", "reference", "axial", "banded", "flash", "flex")
 
 
 @dataclass(frozen=True)
@@ -160,11 +166,23 @@ def flex_attention_pattern(q, k, v, grid: Grid, names=("local",), params: Patter
     return y.transpose(1, 2)  # (B, N, h, D)
 
 
-def _kernel(names: tuple[str, ...], backend: str, on_cuda: bool = False):
-    """The function that runs one head group, or None when `backend` cannot run it (then: reference)."""
+def flash_local_attention(q, k, v, grid: Grid, rows: int = 1):
+    """`local` = causal attention within a window of rows*L keys (d = q - k < rows*L)."""
+    if not flash_window_runs(q):
+        raise RuntimeError("the flash backend needs CUDA, bf16 or fp16 inputs and a torch whose FlashAttention "
+                           "takes a window size; use backend=auto")
+    return window_attention(q, k, v, window=rows * grid.row_len)
+
+
+def _kernel(names: tuple[str, ...], backend: str, q: torch.Tensor | None = None):
+    """The function that runs one head group, or None when `backend` cannot run it (then: reference).
+    Without `q` it answers for any device (used to validate a forced backend before any work)."""
     single = names[0] if len(names) == 1 else None
+    on_cuda = q is not None and q.is_cuda
     if backend == "reference":
         return None
+    if backend == "flash" or (backend == "auto" and single == "local" and q is not None and flash_window_runs(q)):
+        return flash_local_attention if single == "local" else None
     if backend == "flex" or (backend == "auto" and on_cuda and single not in ("dense", "row", "column")):
         return flex_attention_pattern  # any pattern is a mask_mod; on CUDA it beats the N x N reference
     if backend in ("auto", "axial"):
@@ -201,8 +219,8 @@ def attend(q, k, v, spec: LayerSpec, grid: Grid, params: PatternParams, backend:
     outs = []
     for names, h0, h1 in spec.head_groups(q.shape[2]):
         qs, ks, vs = (t[:, :, h0:h1] for t in (q, k, v))
-        kernel = _kernel(names, backend, q.is_cuda)
-        if kernel is banded_local_attention:
+        kernel = _kernel(names, backend, q)
+        if kernel in (banded_local_attention, flash_local_attention):
             outs.append(kernel(qs, ks, vs, grid, rows=params.rows))
         elif kernel is flex_attention_pattern:
             outs.append(kernel(qs, ks, vs, grid, names, params))

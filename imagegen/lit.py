@@ -2,7 +2,7 @@
 
 Hyperparameters are plain, resolved values (no DictConfig, no modules), so a checkpoint rebuilds with
 `ImageGPT.load_from_checkpoint(path)` alone. The tokenizer (with its fitted palette) is a submodule and
-travels in the state dict. `torch.compile` wraps the inner model without registering it, so saved keys
+travels in the state dict. `torch.compile` wraps the model's loss without registering it, so saved keys
 have no `_orig_mod.` prefix and checkpoints load with or without compile.
 """
 
@@ -12,7 +12,6 @@ import math
 
 import lightning as L
 import torch
-import torch.nn as nn
 
 from imagegen.model import ImageTransformer, ModelConfig
 from imagegen.tokenizers import build_tokenizer
@@ -35,9 +34,10 @@ class ImageGPT(L.LightningModule):
         self.optim = {"lr": 3e-4, "betas": (0.9, 0.95), "weight_decay": 0.1, "warmup_steps": 100,
                       "min_lr_ratio": 0.1, **(optim or {})}
         self.metric = self.tokenizer.metric  # bits_per_dim (subpixel) or bits_per_token (palette)
-        # what training calls: the model, or its compiled wrapper; never a registered submodule, so the
-        # state dict holds each weight once, without an `_orig_mod.` prefix
-        object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
+        # what training calls: the model's loss (forward + fp32 cross-entropy), compiled as one graph so the
+        # fp32 logits need not be materialised; a bound method, never a registered submodule, so the state
+        # dict holds each weight once, without an `_orig_mod.` prefix
+        object.__setattr__(self, "_loss", torch.compile(self.model.loss) if compile else self.model.loss)
 
     @property
     def grid(self):
@@ -53,9 +53,7 @@ class ImageGPT(L.LightningModule):
 
     def nll(self, images: torch.Tensor) -> torch.Tensor:
         """Mean next-token NLL in nats over all tokens of the batch."""
-        tokens = self.tokens(images)
-        logits = self._forward(tokens)  # (B, N, V)
-        return nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        return self._loss(self.tokens(images))
 
     def training_step(self, images, batch_idx):
         loss = self.nll(images)

@@ -1,27 +1,34 @@
 """Dense vs sparse benchmarks; prints markdown tables and writes JSON.
 
     python scripts/benchmark.py attention [--out attention.json]   # one attention call, fwd+bwd (GPU)
-    python scripts/benchmark.py attention --quick                   # seconds on a CPU (no timing claims)
     python scripts/benchmark.py sample [--out sampling.json]         # 64 images x 4096 tokens, 40M model
+    python scripts/benchmark.py train --anchor ../shared/anchors/model_bench.py [--sizes 0 1 2] [--out train.json]
+                                                                     # training step: ours vs the anchor GPT
+    python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
 
 import argparse
 
-from imagegen import benchmark
+from imagegen import benchmark, train_benchmark
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["attention", "sample"])
+    parser.add_argument("what", choices=["attention", "sample", "train"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
+    parser.add_argument("--sizes", type=int, nargs="+", help="train: which of the sizes to run (0, 1, 2)")
     args = parser.parse_args()
     if args.what == "attention":
         result = benchmark.bench_attention(quick=args.quick)
         print(benchmark.format_attention(result))
-    else:
+    elif args.what == "sample":
         result = benchmark.bench_sampling(quick=args.quick)
         print(benchmark.format_sampling(result))
+    else:
+        result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes)
+        print(train_benchmark.format_train(result))
     benchmark.save(result, args.out)
 
 

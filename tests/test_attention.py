@@ -21,7 +21,7 @@ def run(spec, grid, params, backend, q, k, v):
     return y.detach(), q.grad, k.grad, v.grad
 
 
-CPU_BACKENDS = [b for b in BACKENDS if b not in ("reference", "flex")]  # flex: CUDA only (no CPU backward)
+CPU_BACKENDS = [b for b in BACKENDS if b not in ("reference", "flex", "flash")]  # flex, flash: CUDA only
 CASES = [(spec, backend) for spec in SPECS for backend in CPU_BACKENDS
          if all(supports(backend, g) for g in LayerSpec.parse(spec).groups)]
 
@@ -49,3 +49,9 @@ def test_forced_backend_that_cannot_run_a_pattern_fails_early():
         check_layout([LayerSpec.parse("local")], "axial")
     with pytest.raises(ValueError, match="unknown attention backend"):
         check_layout([LayerSpec.parse("local")], "magic")
+
+
+def test_flash_backend_refuses_a_cpu_tensor_clearly():
+    q = torch.randn(1, 12, 2, 8)
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        attend(q, q, q, LayerSpec.parse("local"), Grid(3, 4, 1), PatternParams(), "flash")

@@ -1,0 +1,167 @@
+"""Training-step benchmark behind `scripts/benchmark.py train`: our dense and sparse models against the
+anchor a user would write instead (../shared/anchors/model_bench.py, a nanoGPT-style dense GPT on
+FlashAttention), in the same process on the same card.
+
+One step = forward, loss, backward and a fused AdamW update, under bf16 autocast, with the loss
+function compiled (torch.compile) exactly as training runs it (imagegen.lit). Times are medians of
+CUDA-event timings (triton.testing.do_bench). MFU counts the FLOPs actually computed: 6 per parameter
+per token for the matmuls (embeddings excluded) plus 12 * d per attended key per token for attention
+(the anchor's own convention), against the card's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from imagegen.model import ImageTransformer, ModelConfig
+from imagegen.patterns import parse_layout
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 datasheet FLOP/s
+
+# (label, vocab, height, width, channels, layers, width d, heads, batch): the issue's three sizes
+SIZES = [
+    ("12L d512, 64x64 palette", 512, 64, 64, 1, 12, 512, 8, 8),
+    ("12L d512, 64x64x3 subpixel", 256, 64, 64, 3, 12, 512, 8, 2),
+    ("24L d1024, 64x64 palette", 512, 64, 64, 1, 24, 1024, 16, 4),
+]
+QUICK_SIZES = [("quick", 64, 8, 8, 1, 2, 32, 2, 2), ("quick C=3", 64, 6, 6, 3, 2, 32, 2, 2)]
+LAYOUTS = {"dense": ["dense"], "sparse": ["local", "column"]}  # conf/model/dense.yaml, sparse.yaml
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def attended_keys(pattern: str, height: int, row_len: int) -> float:
+    """Mean keys per query, the anchor's convention (dense N/2, local L, column H/2, row L/2)."""
+    return {"dense": height * row_len / 2, "local": row_len, "column": height / 2, "row": row_len / 2}[pattern]
+
+
+def step_flops(params_non_emb: int, layers: list[str], d: int, height: int, row_len: int) -> float:
+    """FLOPs of one training step per token."""
+    return 6 * params_non_emb + sum(12 * d * attended_keys(p, height, row_len) for p in layers)
+
+
+def _timer(quick: bool):
+    if not torch.cuda.is_available():
+        def cpu_time(fn):
+            fn()
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        return cpu_time
+    from triton.testing import do_bench
+
+    return lambda fn: do_bench(fn, warmup=25 if quick else 200, rep=100 if quick else 1500, return_mode="median")
+
+
+def _measure(model: torch.nn.Module, loss_fn, batch: int, n_tokens: int, vocab: int, device: str, quick: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    tokens = torch.randint(0, vocab, (batch, n_tokens), device=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def step():
+        with torch.autocast(device, dtype, enabled=device == "cuda"):
+            loss = loss_fn(tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    ms = _timer(quick)(step)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return ms, mem, compile_s
+
+
+def load_anchor(path: str | Path):
+    """The anchor module, loaded from its file (it lives outside this repository)."""
+    spec = importlib.util.spec_from_file_location("anchor_model_bench", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None) -> dict:
+    label, V, H, W, C, n_layer, d, heads, batch = size
+    n, row_len = H * W * C, W * C
+    torch.manual_seed(0)
+    if kind == "anchor":
+        # the anchor's GPT: (V, N, d, h, L, kinds, H, W); its W is the row length
+        model = anchor.GPT(V, n, d, heads, n_layer, ["dense"], H, row_len).to(device)
+        compiled = torch.compile(model)
+        loss_fn = lambda t: compiled(t, t)  # noqa: E731  (random tokens: the target does not change the cost)
+        params = sum(p.numel() for p in model.parameters()) - V * d - n * d
+        layers = ["dense"] * n_layer
+    else:
+        layout = LAYOUTS[kind]
+        cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
+                          layout=layout)
+        model = ImageTransformer(cfg).to(device)
+        loss_fn = torch.compile(model.loss) if device == "cuda" else model.loss
+        params = model.num_params()
+        specs = parse_layout(layout)
+        layers = [specs[i % len(specs)].groups[0][0] for i in range(n_layer)]
+    ms, mem, compile_s = _measure(model, loss_fn, batch, n, V, device, quick)
+    tokens_per_sec = batch * n / (ms / 1e3)
+    peak = peak_flops()
+    mfu = tokens_per_sec * step_flops(params, layers, d, H, row_len) / peak if peak else None
+    del model, loss_fn
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return {"size": label, "model": kind, "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads,
+            "params_M": params / 1e6, "ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+            "peak_mem_gib": mem, "warmup_s": compile_s}
+
+
+def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    anchor = load_anchor(anchor_path) if anchor_path else None
+    table = QUICK_SIZES if quick else SIZES
+    rows = []
+    for i, size in enumerate(table):
+        if sizes is not None and i not in sizes:
+            continue
+        for kind in (["anchor"] if anchor else []) + ["dense", "sparse"]:
+            try:
+                rows.append(bench_one(kind, size, device, quick, anchor))
+            except torch.OutOfMemoryError as e:  # a size that does not fit is a result, not a crash
+                rows.append({"size": size[0], "model": kind, "error": f"out of memory: {str(e)[:120]}"})
+            print(rows[-1], flush=True)
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "peak_flops": peak_flops(), "train": rows}
+
+
+def format_train(result: dict) -> str:
+    out = [f"Training step: forward + backward + fused AdamW, bf16 autocast, compiled "
+           f"({result['device']}, torch {result['torch']}; medians)",
+           "| size | N x batch | model | params | ms/step | tokens/s | x anchor | MFU | peak mem |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    anchors = {r["size"]: r for r in result["train"] if r["model"] == "anchor" and "error" not in r}
+    for r in result["train"]:
+        if "error" in r:
+            out.append(f"| {r['size']} | | {r['model']} | | {r['error']} | | | | |")
+            continue
+        a = anchors.get(r["size"])
+        ratio = f"{r['tokens_per_sec'] / a['tokens_per_sec']:.2f}x" if a else "-"
+        mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "-"
+        mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.1f} GiB"
+        name = "anchor dense GPT" if r["model"] == "anchor" else f"ours, {r['model']}"
+        out.append(f"| {r['size']} | {r['N']} x {r['batch']} | {name} | {r['params_M']:.1f}M | {r['ms_per_step']:.2f} | "
+                   f"{r['tokens_per_sec']:,.0f} | {ratio} | {mfu} | {mem} |")
+    return "\n".join(out)
