@@ -7,6 +7,9 @@ run on zero-copy views (DESIGN.md section 4). Backends:
     axial      `row` and `column` as views of the sequence, SDPA/FlashAttention underneath
     banded     `local` as each row of queries against its window of (rows+1) rows of keys: O(N*L)
                memory, exact, with a backward on CPU and GPU
+    triton     `column` and `row` as one Triton program per short sequence (CUDA, bf16/fp16, sequence
+               <= 128): each (image, column, channel, head) sequence is read once, held in registers, and
+               its backward needs no atomics (imagegen.short_attention)
     flash      `local` as FlashAttention-2's sliding window (CUDA, bf16/fp16): the varlen kernel over the
                contiguous (B*N, heads, D) projection with window (rows*L - 1, 0): no mask, no copy, and
                only the key blocks inside the band are visited (imagegen.window_attention)
@@ -14,7 +17,8 @@ run on zero-copy views (DESIGN.md section 4). Backends:
                one BlockMask per (pattern, grid, device), and a recompile-limit hit raises instead of
                silently falling back to the O(N^2) eager path
     auto       the fastest exact backend per pattern, device and dtype (reference only where nothing
-               else fits): on CUDA local -> flash (flex where flash cannot run), column/row -> axial,
+               else fits): on CUDA local -> flash (flex where flash cannot run), column/row -> triton
+               (axial where the sequence is longer than 128),
                dense -> FlashAttention, other patterns and unions -> flex; on CPU local -> banded
 
 `attend(q, k, v, spec, grid, params, backend)` runs one layer spec (several head groups, each a pattern
@@ -30,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from imagegen.patterns import LayerSpec, PatternParams, union_mask
+from imagegen.short_attention import short_attention_runs, short_causal_attention
 from imagegen.window_attention import flash_window_runs, window_attention
 
-BACKENDS = ("auto", "reference", "axial", "banded", "flash", "flex")
+BACKENDS = ("auto", "reference", "axial", "triton", "banded", "flash", "flex")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,35 @@ def row_attention(q, k, v, grid: Grid):
 
     y = F.scaled_dot_product_attention(view(q), view(k), view(v), is_causal=True)  # (B*H, h, L, D)
     return y.transpose(1, 2).reshape(B, N, h, D)
+
+
+def _axial_length(grid: Grid, axis: str) -> int:
+    return grid.height if axis == "column" else grid.row_len
+
+
+def triton_axial_attention(q, k, v, grid: Grid, axis: str = "column"):
+    """`column` or `row` through imagegen.short_attention: (B, N, h, D) -> (B, N, h, D)."""
+    B, N, h, D = q.shape
+    H, L = grid.height, grid.row_len
+    if not short_attention_runs(q, _axial_length(grid, axis)):
+        raise RuntimeError(f"the triton backend needs CUDA, bf16/fp16 inputs, head dim 16/32/64/128 and a "
+                           f"{axis} of at most 128 tokens (got {_axial_length(grid, axis)}); "
+                           "use backend=auto or axial")
+
+    def view(t):  # (B, N, h, D) -> (n0, S, n1, n2, D), sequence on dim 1; no copy
+        if axis == "column":  # sequences = (image, column*channel, head), S = image rows
+            return t.reshape(B, H, L, h, D)
+        return t.reshape(B * H, L, 1, h, D)  # sequences = (image row, head), S = the row
+
+    return short_causal_attention(view(q), view(k), view(v)).view(B, N, h, D)
+
+
+def triton_column_attention(q, k, v, grid: Grid):
+    return triton_axial_attention(q, k, v, grid, "column")
+
+
+def triton_row_attention(q, k, v, grid: Grid):
+    return triton_axial_attention(q, k, v, grid, "row")
 
 
 @lru_cache(maxsize=32)
@@ -174,15 +208,20 @@ def flash_local_attention(q, k, v, grid: Grid, rows: int = 1):
     return window_attention(q, k, v, window=rows * grid.row_len)
 
 
-def _kernel(names: tuple[str, ...], backend: str, q: torch.Tensor | None = None):
+def _kernel(names: tuple[str, ...], backend: str, q: torch.Tensor | None = None, grid: Grid | None = None):
     """The function that runs one head group, or None when `backend` cannot run it (then: reference).
-    Without `q` it answers for any device (used to validate a forced backend before any work)."""
+    Without `q` and `grid` it answers for any input (to validate a forced backend before any work)."""
     single = names[0] if len(names) == 1 else None
     on_cuda = q is not None and q.is_cuda
     if backend == "reference":
         return None
     if backend == "flash" or (backend == "auto" and single == "local" and q is not None and flash_window_runs(q)):
         return flash_local_attention if single == "local" else None
+    if single in ("column", "row") and (backend == "triton" or (
+            backend == "auto" and q is not None and short_attention_runs(q, _axial_length(grid, single)))):
+        return triton_column_attention if single == "column" else triton_row_attention
+    if backend == "triton":
+        return None
     if backend == "flex" or (backend == "auto" and on_cuda and single not in ("dense", "row", "column")):
         return flex_attention_pattern  # any pattern is a mask_mod; on CUDA it beats the N x N reference
     if backend in ("auto", "axial"):
@@ -219,7 +258,7 @@ def attend(q, k, v, spec: LayerSpec, grid: Grid, params: PatternParams, backend:
     outs = []
     for names, h0, h1 in spec.head_groups(q.shape[2]):
         qs, ks, vs = (t[:, :, h0:h1] for t in (q, k, v))
-        kernel = _kernel(names, backend, q)
+        kernel = _kernel(names, backend, q, grid)
         if kernel in (banded_local_attention, flash_local_attention):
             outs.append(kernel(qs, ks, vs, grid, rows=params.rows))
         elif kernel is flex_attention_pattern:

@@ -69,9 +69,11 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
         res = {"shape": label, "N": grid.num_tokens, "batch": batch}
         for spec in ("dense", "local", "column", "row"):
             res[spec] = time_ms(attention_call(spec, grid, batch, device=device, dtype=dtype), quick)
-        for backend in ("flex", "banded") if device == "cuda" else ("banded",):
-            res[f"local_{backend}"] = time_ms(attention_call("local", grid, batch, backend=backend, device=device,
-                                                             dtype=dtype), quick)
+        others = [("local", "flex"), ("local", "banded"), ("column", "axial")] if device == "cuda" else [
+            ("local", "banded"), ("column", "axial")]
+        for spec, backend in others:  # the slower exact alternatives, for the record
+            res[f"{spec}_{backend}"] = time_ms(attention_call(spec, grid, batch, backend=backend, device=device,
+                                                              dtype=dtype), quick)
         res["sparse_mean"] = (res["local"] + res["column"]) / 2
         res["speedup_local"] = res["dense"] / res["local"]
         res["speedup_column"] = res["dense"] / res["column"]
@@ -94,13 +96,15 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
 def format_attention(result: dict) -> str:
     out = [f"Attention, one call forward+backward, {result['dtype']}, head dim 64, 8 heads "
            f"({result['device']}, torch {result['torch']}; times are medians)",
-           "| shape | N | batch | dense FA | local (auto) | local (flex) | local (banded) | column | row | "
-           "mean(local, column) | x dense |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| shape | N | batch | dense FA | local (auto) | local (flex) | local (banded) | column (auto) | "
+           "column (axial SDPA) | row | mean(local, column) | x dense |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["attention"]:
         out.append(f"| {r['shape']} | {r['N']} | {r['batch']} | {r['dense']:.3f} ms | {r['local']:.3f} ms "
-                   f"({r['speedup_local']:.1f}x) | {r.get('local_flex', float('nan')):.3f} ms | {r['local_banded']:.3f} ms | {r['column']:.3f} ms ({r['speedup_column']:.1f}x) | {r['row']:.3f} ms | "
-                   f"{r['sparse_mean']:.3f} ms | {r['speedup_mean']:.2f}x |")
+                   f"({r['speedup_local']:.1f}x) | {r.get('local_flex', float('nan')):.3f} ms | "
+                   f"{r['local_banded']:.3f} ms | {r['column']:.3f} ms ({r['speedup_column']:.1f}x) | "
+                   f"{r['column_axial']:.3f} ms | {r['row']:.3f} ms | {r['sparse_mean']:.3f} ms | "
+                   f"{r['speedup_mean']:.2f}x |")
     out += ["", "Scaling (batch 4, 8 heads; sparse = mean of local and column layers)",
             "| sequence | N | attended pairs dense | sparse | N*sqrt(N) | dense time | sparse time | x dense |",
             "|---|---|---|---|---|---|---|---|"]

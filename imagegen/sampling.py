@@ -128,7 +128,7 @@ class Sampler:
                     q[:, h0:h1, None, :], ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=keep[None, None, None, :]
                 )  # (B, hg, 1, D)
                 outs.append(y)
-            y = torch.cat(outs, dim=1).reshape(self.batch, C)
+            y = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).reshape(self.batch, C)
             x = x + attn.proj(y)
             x = x + block.mlp(block.ln2(x))
         return m.head(m.ln_f(x)).float()  # (B, V)

@@ -165,3 +165,68 @@ def format_train(result: dict) -> str:
         out.append(f"| {r['size']} | {r['N']} x {r['batch']} | {name} | {r['params_M']:.1f}M | {r['ms_per_step']:.2f} | "
                    f"{r['tokens_per_sec']:,.0f} | {ratio} | {mfu} | {mem} |")
     return "\n".join(out)
+
+
+LARGEST = ("48L d512 16 heads, 64x64x3 subpixel (ImageNet 64x64, Sparse Transformer)", 256, 64, 64, 3, 48, 512, 16)
+
+
+def fits(kind: str, batch: int, checkpointing: bool, size: tuple = LARGEST) -> dict | None:
+    """Peak memory and time of two eager bf16 training steps at `batch`, or None when out of memory."""
+    _, V, H, W, C, n_layer, d, heads = size
+    cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
+                      layout=LAYOUTS[kind], activation_checkpointing=checkpointing)
+    model = opt = None
+    try:
+        model = ImageTransformer(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        tokens = torch.randint(0, V, (batch, H * W * C), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = model.loss(tokens)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "s_per_step_eager": times[-1]}
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def bench_largest(max_batch: int = 64) -> dict:
+    """The largest batch of the paper's ImageNet 64x64 size that trains on this card, dense and sparse,
+    with and without activation checkpointing (doubling the batch until it does not fit)."""
+    rows = []
+    for kind in ("dense", "sparse"):
+        for checkpointing in (False, True):
+            best, batch = None, 1
+            while batch <= max_batch:
+                got = fits(kind, batch, checkpointing)
+                if got is None:
+                    break
+                best = {"model": kind, "activation_checkpointing": checkpointing, "batch": batch, **got}
+                batch *= 2
+            rows.append(best or {"model": kind, "activation_checkpointing": checkpointing, "batch": 0})
+            print(rows[-1], flush=True)
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return {"device": torch.cuda.get_device_name(), "memory_gib": total, "size": LARGEST[0], "largest": rows}
+
+
+def format_largest(result: dict) -> str:
+    out = [f"Largest batch that trains: {result['size']} ({result['device']}, {result['memory_gib']:.0f} GiB; "
+           "eager bf16 steps, batch doubled until out of memory)",
+           "| model | activation checkpointing | batch | tokens per step | peak memory | s/step (eager) |",
+           "|---|---|---|---|---|---|"]
+    for r in result["largest"]:
+        if not r["batch"]:
+            out.append(f"| {r['model']} | {r['activation_checkpointing']} | does not fit at batch 1 | | | |")
+            continue
+        out.append(f"| {r['model']} | {r['activation_checkpointing']} | {r['batch']} | {r['batch'] * 12288:,} | "
+                   f"{r['peak_mem_gib']:.1f} GiB | {r['s_per_step_eager']:.2f} |")
+    return "\n".join(out)

@@ -4,6 +4,7 @@
     python scripts/benchmark.py sample [--out sampling.json]         # 64 images x 4096 tokens, 40M model
     python scripts/benchmark.py train --anchor ../shared/anchors/model_bench.py [--sizes 0 1 2] [--out train.json]
                                                                      # training step: ours vs the anchor GPT
+    python scripts/benchmark.py largest [--out largest.json]        # largest ImageNet-64 batch that trains (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
 
@@ -14,7 +15,7 @@ from imagegen import benchmark, train_benchmark
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["attention", "sample", "train"])
+    parser.add_argument("what", choices=["attention", "sample", "train", "largest"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
@@ -26,6 +27,9 @@ def main():
     elif args.what == "sample":
         result = benchmark.bench_sampling(quick=args.quick)
         print(benchmark.format_sampling(result))
+    elif args.what == "largest":
+        result = train_benchmark.bench_largest()
+        print(train_benchmark.format_largest(result))
     else:
         result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes)
         print(train_benchmark.format_train(result))

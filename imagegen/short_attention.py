@@ -1,0 +1,159 @@
+"""Causal attention over many short independent sequences, one Triton program per sequence.
+
+`column` attention is H-token causal attention for every (image, column, channel, head): thousands of
+sequences of 64 tokens, each a strided slice of the (B, N, heads, D) projection. FlashAttention runs them
+as a batch of tiny problems and pays for its generality (128-wide tiles half empty, an fp32 dq
+accumulator, several passes). Here one program holds a whole sequence in registers: the forward reads
+q, k, v once and writes o and the log-sum-exp; the backward reads q, k, v, o, do once and writes dq, dk,
+dv, with no atomics. `row` is the same problem with the sequence along the row.
+
+    y = short_causal_attention(q5, k5, v5)   # (n0, S, n1, n2, D) strided views -> (n0, S, n1, n2, D)
+
+The sequence axis is dim 1; dims 0, 2, 3 index independent sequences. Runs on CUDA in bf16/fp16 for
+S <= 128 and D in {16, 32, 64, 128} (`short_attention_runs`); the op is a torch.library custom op with a
+fake implementation and a registered backward, so it works under torch.compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton: the views + SDPA path is used instead
+    triton = None
+
+MAX_SEQ = 128
+
+
+def short_attention_runs(q: torch.Tensor, seq_len: int) -> bool:
+    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and seq_len <= MAX_SEQ and q.shape[-1] in (16, 32, 64, 128))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+                    so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        pid = tl.program_id(0)
+        i2 = pid % n2
+        i1 = (pid // n2) % n1
+        i0 = pid // (n1 * n2)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D)
+        inside = s < S
+        q = tl.load(Q + i0 * sq0 + i1 * sq2 + i2 * sq3 + s[:, None] * sq1 + d[None, :], mask=inside[:, None], other=0.0)
+        k = tl.load(K + i0 * sk0 + i1 * sk2 + i2 * sk3 + s[:, None] * sk1 + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(V + i0 * sv0 + i1 * sv2 + i2 * sv3 + s[:, None] * sv1 + d[None, :], mask=inside[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale  # (S, S) fp32
+        causal = (s[:, None] >= s[None, :]) & inside[None, :]
+        scores = tl.where(causal, scores, float("-inf"))
+        m = tl.max(scores, 1)
+        p = tl.exp(scores - m[:, None])
+        denom = tl.sum(p, 1)
+        o = tl.dot(p.to(v.dtype), v) / denom[:, None]
+        tl.store(O + i0 * so0 + i1 * so2 + i2 * so3 + s[:, None] * so1 + d[None, :], o.to(O.dtype.element_ty),
+                 mask=inside[:, None])
+        tl.store(LSE + pid * BLOCK_S + s, m + tl.log(denom))
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3,
+                    sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1, sg2, sg3, scale,
+                    BLOCK_S: tl.constexpr, D: tl.constexpr):
+        pid = tl.program_id(0)
+        i2 = pid % n2
+        i1 = (pid // n2) % n1
+        i0 = pid // (n1 * n2)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D)
+        inside = s < S
+        rows = s[:, None] * 1
+        q = tl.load(Q + i0 * sq0 + i1 * sq2 + i2 * sq3 + rows * sq1 + d[None, :], mask=inside[:, None], other=0.0)
+        k = tl.load(K + i0 * sk0 + i1 * sk2 + i2 * sk3 + rows * sk1 + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(V + i0 * sv0 + i1 * sv2 + i2 * sv3 + rows * sv1 + d[None, :], mask=inside[:, None], other=0.0)
+        o = tl.load(O + i0 * so0 + i1 * so2 + i2 * so3 + rows * so1 + d[None, :], mask=inside[:, None], other=0.0)
+        do = tl.load(DO + i0 * sd0 + i1 * sd2 + i2 * sd3 + rows * sd1 + d[None, :], mask=inside[:, None], other=0.0)
+        lse = tl.load(LSE + pid * BLOCK_S + s)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (S,)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        causal = (s[:, None] >= s[None, :]) & inside[None, :] & inside[:, None]
+        p = tl.where(causal, tl.exp(scores - lse[:, None]), 0.0)  # (S, S) fp32
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
+        dq = tl.dot(ds, k)
+        dk = tl.dot(tl.trans(ds), q)
+        out = i0 * sg0 + i1 * sg2 + i2 * sg3 + rows * sg1 + d[None, :]  # dq, dk, dv: contiguous, same strides
+        tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=inside[:, None])
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=inside[:, None])
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=inside[:, None])
+
+
+def _block(seq_len: int) -> int:
+    return max(16, triton.next_power_of_2(seq_len))
+
+
+def _warps(seq_len: int) -> int:
+    return 4 if seq_len <= 64 else 8
+
+
+@torch.library.custom_op("imagegen::short_attention_fwd", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n0, S, n1, n2, D = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (n0, S, n1, n2, D)
+    o5 = o
+    block = _block(S)
+    lse = torch.empty(n0 * n1 * n2 * block, dtype=torch.float32, device=q.device)
+    _fwd_kernel[(n0 * n1 * n2,)](
+        q, k, v, o5, lse, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *o5.stride()[:4],
+        1.0 / math.sqrt(D), BLOCK_S=block, D=D, num_warps=_warps(S))
+    return o, lse
+
+
+@_forward.register_fake
+def _(q, k, v):
+    n0, S, n1, n2, _ = q.shape
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(n0 * n1 * n2 * _block(S),
+                                                                               dtype=torch.float32)
+
+
+@torch.library.custom_op("imagegen::short_attention_bwd", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n0, S, n1, n2, D = q.shape
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    _bwd_kernel[(n0 * n1 * n2,)](
+        q, k, v, o, grad_out, lse, dq, dk, dv, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
+        *o.stride()[:4], *grad_out.stride()[:4], *dq.stride()[:4], 1.0 / math.sqrt(D),
+        BLOCK_S=_block(S), D=D, num_warps=_warps(S))
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, o, lse):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return _backward_op(grad_out, q, k, v, o, lse)
+
+
+_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(n0, S, n1, n2, D) x 3 -> (n0, S, n1, n2, D) contiguous: causal attention along dim 1."""
+    return _forward(q, k, v)[0]
