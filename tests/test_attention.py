@@ -21,7 +21,7 @@ def run(spec, grid, params, backend, q, k, v):
     return y.detach(), q.grad, k.grad, v.grad
 
 
-CPU_BACKENDS = [b for b in BACKENDS if b not in ("reference", "flex", "flash")]  # flex, flash: CUDA only
+CPU_BACKENDS = [b for b in BACKENDS if b not in ("reference", "flex", "flash", "triton")]  # CUDA only
 CASES = [(spec, backend) for spec in SPECS for backend in CPU_BACKENDS
          if all(supports(backend, g) for g in LayerSpec.parse(spec).groups)]
 
