@@ -176,7 +176,7 @@ def _compiled_flex():
 
 
 @lru_cache(maxsize=32)
-def _block_mask(names: tuple[str, ...], grid: Grid, params: PatternParams, device: torch.device):
+def _block_mask(names: tuple[str, ...], grid: Grid, params: PatternParams, device: torch.device, block: int = 128):
     from torch.nn.attention.flex_attention import create_block_mask
 
     from imagegen.patterns import allowed
@@ -188,15 +188,24 @@ def _block_mask(names: tuple[str, ...], grid: Grid, params: PatternParams, devic
         return keep
 
     n = grid.num_tokens
-    return create_block_mask(mask_mod, None, None, n, n, device=device)
+    return create_block_mask(mask_mod, None, None, n, n, device=device, BLOCK_SIZE=block)
 
 
-def flex_attention_pattern(q, k, v, grid: Grid, names=("local",), params: PatternParams = PatternParams()):
+# Kernel tiles that fit a BlockMask of 64 x 64 blocks (forward BLOCK_M/N, backward M1/N1 and M2/N2): a
+# narrow band then visits fewer masked-out keys than with the default 128 x 128 tiles.
+_SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+
+
+def flex_attention_pattern(q, k, v, grid: Grid, names=("local",), params: PatternParams = PatternParams(),
+                           block: int = 128):
+    """Any pattern or union as a FlexAttention mask; `block` is the BlockMask granularity (128 or 64)."""
     if not q.is_cuda:
         raise RuntimeError("the flex backend runs on CUDA only (FlexAttention has no CPU backward); "
                            "use backend=auto or banded/reference on a CPU")
-    block_mask = _block_mask(tuple(names), grid, params, q.device)
-    y = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    block_mask = _block_mask(tuple(names), grid, params, q.device, block)
+    options = _SMALL_TILES if block == 64 else None
+    y = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                         kernel_options=options)
     return y.transpose(1, 2)  # (B, N, h, D)
 
 
@@ -217,8 +226,7 @@ def _kernel(names: tuple[str, ...], backend: str, q: torch.Tensor | None = None,
         return None
     if backend == "flash" or (backend == "auto" and single == "local" and q is not None and flash_window_runs(q)):
         return flash_local_attention if single == "local" else None
-    if single in ("column", "row") and (backend == "triton" or (
-            backend == "auto" and q is not None and short_attention_runs(q, _axial_length(grid, single)))):
+    if single in ("column", "row") and backend == "triton":  # exact, but slower than axial on H100 (README)
         return triton_column_attention if single == "column" else triton_row_attention
     if backend == "triton":
         return None

@@ -15,8 +15,6 @@ traces under torch.compile like any aten op. `flash_window_runs(q)` says whether
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -91,7 +89,6 @@ def _backward(ctx, grad_out, grad_lse):
 _forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-@lru_cache(maxsize=32)
 def _cu_seq(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=device)  # sequence starts
 
