@@ -75,12 +75,7 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
         for spec, backend in others:  # the other exact backends, for the record
             res[f"{spec}_{backend}"] = time_ms(attention_call(spec, grid, batch, backend=backend, device=device,
                                                               dtype=dtype), quick)
-        if device == "cuda":
-            from imagegen.attention import flex_attention_pattern
 
-            small = lambda q, k, v: flex_attention_pattern(q, k, v, grid, ("local",), PatternParams(), block=64)  # noqa: E731
-            res["local_flex64"] = time_ms(attention_call("local", grid, batch, device=device, dtype=dtype,
-                                                         run=small), quick)
         res["sparse_mean"] = (res["local"] + res["column"]) / 2
         res["speedup_local"] = res["dense"] / res["local"]
         res["speedup_column"] = res["dense"] / res["column"]
@@ -103,13 +98,12 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
 def format_attention(result: dict) -> str:
     out = [f"Attention, one call forward+backward, {result['dtype']}, head dim 64, 8 heads "
            f"({result['device']}, torch {result['torch']}; times are medians)",
-           "| shape | N | batch | dense FA | local (auto) | local (flex) | local (flex, 64-blocks) | local (banded) | "
+           "| shape | N | batch | dense FA | local (auto) | local (flex) | local (banded) | "
            "column (auto) | column (axial SDPA) | row | mean(local, column) | x dense |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["attention"]:
         out.append(f"| {r['shape']} | {r['N']} | {r['batch']} | {r['dense']:.3f} ms | {r['local']:.3f} ms "
                    f"({r['speedup_local']:.1f}x) | {r.get('local_flex', float('nan')):.3f} ms | "
-                   f"{r.get('local_flex64', float('nan')):.3f} ms | "
                    f"{r['local_banded']:.3f} ms | {r['column']:.3f} ms ({r['speedup_column']:.1f}x) | "
                    f"{r['column_axial']:.3f} ms | {r['row']:.3f} ms | {r['sparse_mean']:.3f} ms | "
                    f"{r['speedup_mean']:.2f}x |")

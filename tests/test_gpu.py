@@ -92,7 +92,7 @@ def test_strided_qkv_views_equal_reference(spec):
     g = torch.randn(B, grid.num_tokens, h, D, device="cuda")
     out = []
     for backend, dtype in (("reference", torch.float32), ("auto", torch.bfloat16)):
-        qkv = base.to(dtype).requires_grad_(True)
+        qkv = base.to(dtype).clone().requires_grad_(True)  # a leaf of its own dtype
         q, k, v = qkv.unbind(2)  # (B, N, h, D) each, strided
         y = attend(q, k, v, LayerSpec.parse(spec), grid, PatternParams(), backend)
         y.backward(g.to(y.dtype))
