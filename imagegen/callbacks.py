@@ -19,20 +19,42 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs perf/tokens_per_sec (training steps only, validation excluded), perf/tokens_seen and
-    perf/peak_mem_gb (GiB) every `every_n_steps` optimizer steps."""
+    """Logs, every `every_n_steps` optimizer steps: perf/tokens_per_sec (training steps only, validation
+    excluded), perf/tokens_seen, perf/wall_clock_s (seconds of training since the first step, validation
+    included, continued across resumes), perf/mfu (GPUs with a known bf16 peak; FLOPs as in
+    imagegen.train_benchmark) and perf/peak_mem_gb (GiB). tokens_seen and wall_clock_s are logged with
+    every validation as well, so validation metrics plot against tokens and time (wandb, compare.py)."""
 
     def __init__(self, every_n_steps: int = 25):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
         self.every = every_n_steps
         self.tokens_seen = 0
+        self.wall_clock_before = 0.0  # seconds of earlier runs of this training (resume)
+        self._fit_start = None
         self._start = None
         self._tokens = 0
+        self._flops_per_token = None
 
     def _sync(self, pl_module):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+    def wall_clock(self) -> float:
+        return self.wall_clock_before + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
+
+    def on_train_start(self, trainer, pl_module):
+        from imagegen.train_benchmark import peak_flops, step_flops
+
+        self._fit_start = time.perf_counter()
+        cfg = pl_module.model.cfg
+        peak = peak_flops() if pl_module.device.type == "cuda" else None
+        if peak:
+            specs = [s.split("|")[0].split("+")[0] for s in cfg.layout]  # first pattern of each layer spec
+            layers = [specs[i % len(specs)] for i in range(cfg.n_layer)]
+            layers = [p if p in ("dense", "local", "column", "row") else "dense" for p in layers]  # upper bound
+            flops = step_flops(pl_module.model.num_params(), layers, cfg.n_embd, cfg.height, cfg.grid.row_len)
+            self._flops_per_token = flops / peak
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._start is None:
@@ -46,19 +68,50 @@ class ThroughputMonitor(L.Callback):
         if trainer.global_step % self.every == 0 and self._start is not None:
             self._sync(pl_module)
             elapsed = time.perf_counter() - self._start
-            pl_module.log("perf/tokens_per_sec", self._tokens / elapsed)
-            pl_module.log("perf/tokens_seen", float(self.tokens_seen))
+            speed = self._tokens / elapsed
+            pl_module.log("perf/tokens_per_sec", speed)
+            if self._flops_per_token is not None:
+                pl_module.log("perf/mfu", speed / trainer.world_size * self._flops_per_token)
             pl_module.log("perf/peak_mem_gb", peak_memory_gib(pl_module.device))
+            self._log_progress(pl_module)
             self._start, self._tokens = time.perf_counter(), 0
 
+    def _log_progress(self, pl_module):
+        pl_module.log("perf/tokens_seen", float(self.tokens_seen))
+        pl_module.log("perf/wall_clock_s", self.wall_clock())
+
     def on_validation_start(self, trainer, pl_module):
-        self._start, self._tokens = None, 0  # restart the clock after validation
+        self._start, self._tokens = None, 0  # restart the throughput clock after validation
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and self._fit_start is not None:
+            self._log_progress(pl_module)  # beside val/*: the x-axes of the comparison plots
 
     def state_dict(self):
-        return {"tokens_seen": self.tokens_seen}
+        return {"tokens_seen": self.tokens_seen, "wall_clock_s": self.wall_clock()}
 
     def load_state_dict(self, state_dict):
         self.tokens_seen = state_dict.get("tokens_seen", 0)
+        self.wall_clock_before = state_dict.get("wall_clock_s", 0.0)
+
+
+class WandbSummaries(L.Callback):
+    """wandb only: run summaries that compare runs (best validation metric = its minimum, peak memory =
+    its maximum) and the x-axes to plot against: trainer/global_step (the default), perf/tokens_seen and
+    perf/wall_clock_s (pick them in a panel's X axis)."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module):
+        for logger in trainer.loggers:
+            if type(logger).__name__ != "WandbLogger":
+                continue
+            run = logger.experiment
+            for name in ("perf/tokens_seen", "perf/wall_clock_s"):
+                run.define_metric(name, summary="max")
+            for name in ("val/loss", f"val/{pl_module.metric}", "train/loss"):
+                run.define_metric(name, summary="min")
+            run.define_metric("perf/peak_mem_gb", summary="max")
+            run.define_metric("perf/tokens_per_sec", summary="mean")
 
 
 class CrashCheckpoint(L.Callback):
@@ -98,8 +151,9 @@ class PatternPictures(L.Callback):
         }
         for name, image in pictures.items():
             image.save(os.path.join(self.dirpath, f"{name}.png"))
-        if hasattr(trainer.logger, "log_image"):  # wandb
-            trainer.logger.log_image(key="patterns", images=list(pictures.values()), caption=list(pictures))
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # wandb
+                logger.log_image(key="patterns", images=list(pictures.values()), caption=list(pictures))
 
 
 class SampleGrid(L.Callback):
@@ -117,6 +171,8 @@ class SampleGrid(L.Callback):
         step = trainer.global_step
         if not self.every or step % self.every:
             return
+        if "FSDP" in type(trainer.strategy).__name__:  # sharded weights: rank 0 alone cannot sample
+            return
         from imagegen.api import Pipeline
         from imagegen.commands import save_grid
 
@@ -126,5 +182,6 @@ class SampleGrid(L.Callback):
         pl_module.tokenizer.train(was_training)
         path = os.path.join(self.dirpath, f"step_{step:07d}.png")
         save_grid(images, path, nrow=max(1, int(self.n**0.5)))
-        if hasattr(trainer.logger, "log_image"):  # wandb
-            trainer.logger.log_image(key="samples", images=[path], step=step)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # wandb
+                logger.log_image(key="samples", images=[path], step=step)

@@ -1,44 +1,132 @@
-"""Summaries of finished runs from their local records (metrics.csv of logger=csv), no account needed.
+"""Compare finished runs from their local records, with no wandb account: every training run writes
+`<run dir>/metrics.csv` (whatever the logger) and `<run dir>/run.json`.
 
-    python scripts/compare.py RUN_DIR [RUN_DIR ...]
+    python scripts/compare.py RUN_DIR [RUN_DIR ...] [--out compare.png]
+    python scripts/compare.py multirun/2026-11-28/10-00-00      # a sweep dir: each of its jobs
+
+Prints a table (params, steps, tokens, wall-clock, tokens/s, best validation metric) and writes a PNG:
+the validation metric against tokens seen and against wall-clock time, one line per run.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+
+
+def run_dirs(paths: list[str]) -> list[str]:
+    """Run dirs in `paths`; a dir without metrics.csv is searched one level down (a sweep dir)."""
+    out = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "metrics.csv")):
+            out.append(path)
+            continue
+        jobs = sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "metrics.csv"))) if os.path.isdir(path) else []
+        if not jobs:
+            raise FileNotFoundError(f"{path}: no metrics.csv here or in its sub-directories (is it a run dir?)")
+        out += jobs
+    return out
 
 
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.csv")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found (train with logger=csv to keep local records)")
+        raise FileNotFoundError(f"{path} not found (is {run_dir} a training run dir?)")
     with open(path) as f:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
+def read_info(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through (xs, ys) sorted by xs; clamped at the ends."""
+    if not xs:
+        return float("nan")
+    if x <= xs[0]:
+        return ys[0] * (x + 1) / (xs[0] + 1)  # before the first record: proportional from zero
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return ys[-1]
+
+
+def validation_curve(rows: list[dict], key: str) -> list[dict]:
+    """[{step, tokens, seconds, value}] for each validation, with tokens seen and wall-clock at that step."""
+    def series(name):
+        pts = sorted((r["step"], r[name]) for r in rows if name in r and "step" in r)
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    tok_x, tok_y = series("perf/tokens_seen")
+    sec_x, sec_y = series("perf/wall_clock_s")
+    return [{"step": r["step"], "tokens": _interp(r["step"], tok_x, tok_y),
+             "seconds": _interp(r["step"], sec_x, sec_y), "value": r[key]}
+            for r in sorted((r for r in rows if key in r), key=lambda r: r["step"])]
+
+
 def summarize(run_dir: str) -> dict:
-    rows = read_metrics(run_dir)
-    val_key = next((k for r in rows for k in r if k.startswith("val/bits_per")), None)
+    rows, info = read_metrics(run_dir), read_info(run_dir)
+    key = info.get("metric") or next((k for r in rows for k in r if k.startswith("val/bits_per")), None)
     speeds = [r["perf/tokens_per_sec"] for r in rows if "perf/tokens_per_sec" in r]
     steady = speeds[len(speeds) // 2 :] or speeds  # later half: compile and warm-up excluded
-    vals = [(r["step"], r[val_key]) for r in rows if val_key and val_key in r]
+    curve = validation_curve(rows, key) if key else []
+    label = "-".join(str(info[k]) for k in ("model", "size", "tokenizer") if k in info) or os.path.basename(run_dir)
     return {
         "run": run_dir,
-        "steps": int(max(r.get("step", 0) for r in rows)) + 1,
+        "label": label,
+        "params": info.get("params"),
+        "steps": int(max(r.get("step", 0) for r in rows)) + 1 if rows else 0,
         "tokens_seen": max((r.get("perf/tokens_seen", 0) for r in rows), default=0),
+        "wall_clock_s": max((r.get("perf/wall_clock_s", 0) for r in rows), default=0),
         "tokens_per_sec": sum(steady) / len(steady) if steady else float("nan"),
         "peak_mem_gb": max((r.get("perf/peak_mem_gb", 0) for r in rows), default=0),
-        "metric": val_key or "-",
-        "last_val": vals[-1][1] if vals else float("nan"),
-        "best_val": min(v for _, v in vals) if vals else float("nan"),
+        "metric": key or "-",
+        "last_val": curve[-1]["value"] if curve else float("nan"),
+        "best_val": min(p["value"] for p in curve) if curve else float("nan"),
+        "curve": curve,
     }
 
 
 def format_table(summaries: list[dict]) -> str:
-    out = ["| run | steps | tokens seen | tokens/s (steady) | peak mem GiB | metric | last val | best val |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| run | params | steps | tokens seen | wall-clock | tokens/s (steady) | peak mem GiB | metric | "
+           "best val | last val |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        out.append(f"| {s['run']} | {s['steps']} | {s['tokens_seen']:,.0f} | {s['tokens_per_sec']:,.0f} | "
-                   f"{s['peak_mem_gb']:.2f} | {s['metric']} | {s['last_val']:.4f} | {s['best_val']:.4f} |")
+        params = f"{s['params'] / 1e6:.2f}M" if s["params"] else "-"
+        out.append(f"| {s['label']} | {params} | {s['steps']} | {s['tokens_seen']:,.0f} | "
+                   f"{s['wall_clock_s']:.0f} s | {s['tokens_per_sec']:,.0f} | {s['peak_mem_gb']:.2f} | "
+                   f"{s['metric']} | {s['best_val']:.4f} | {s['last_val']:.4f} |")
     return "\n".join(out)
+
+
+def plot(summaries: list[dict], path: str) -> str:
+    """Validation metric against tokens seen (left) and wall-clock seconds (right), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for s in summaries:
+        if not s["curve"]:
+            continue
+        for ax, x in zip(axes, ("tokens", "seconds")):
+            ax.plot([p[x] for p in s["curve"]], [p["value"] for p in s["curve"]], marker="o", markersize=3,
+                    label=s["label"])
+    metrics = sorted({s["metric"] for s in summaries})
+    axes[0].set_xlabel("tokens seen")
+    axes[1].set_xlabel("wall-clock (s, training incl. validation)")
+    axes[0].set_ylabel(" / ".join(metrics))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("validation metric: per token and per second")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -81,13 +81,18 @@ class ImageGPT(L.LightningModule):
             [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o["lr"], betas=tuple(o["betas"]), fused=on_cuda and not scaled,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(int(o["warmup_steps"]), total)
+        # cosine over the run's steps; a run bounded by time only (trainer.max_time, max_steps=-1) has no
+        # known length: constant after the warmup
+        estimated = self.trainer.estimated_stepping_batches
+        total = max(1, int(estimated)) if math.isfinite(estimated) else None
+        warmup = min(int(o["warmup_steps"]), total or int(o["warmup_steps"]))
         floor = float(o["min_lr_ratio"])
 
         def lr_factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            if total is None:
+                return 1.0
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

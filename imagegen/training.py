@@ -6,6 +6,7 @@ resume), then data is read, the palette fitted, and only then does training star
 
 from __future__ import annotations
 
+import json
 import os
 
 import lightning as L
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from imagegen.distributed import check_launch
 from imagegen.lit import ImageGPT
 from imagegen.loggers import finish_wandb
 from imagegen.model import ModelConfig
@@ -118,6 +120,35 @@ def build_logger(cfg: DictConfig):
     return build(cfg.logger)
 
 
+def build_loggers(cfg: DictConfig) -> list:
+    """The chosen logger, plus a CSVLogger writing `<run dir>/metrics.csv`: the local record that
+    scripts/compare.py reads whatever logger was chosen. logger=none: no loggers at all."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = build_logger(cfg)
+    if not logger:
+        return []
+    if isinstance(logger, CSVLogger):
+        return [logger]
+    return [logger, CSVLogger(save_dir=cfg.paths.run_dir, name="", version="")]
+
+
+def write_run_info(cfg: DictConfig, module: ImageGPT, trainer) -> dict:
+    """`<run dir>/run.json`: what a run is, for scripts/compare.py (rank 0 writes it)."""
+    per_device = cfg.data.batch_size
+    devices = trainer.world_size
+    info = {"model": cfg.model.name, "size": cfg.model.size, "tokenizer": module.tokenizer.name,
+            "layout": list(module.model.cfg.layout), "params": module.model.num_params(),
+            "metric": f"val/{module.metric}", "batch_per_device": per_device, "devices": devices,
+            "tokens_per_step": per_device * devices * cfg.trainer.get("accumulate_grad_batches", 1)
+            * module.model.grid.num_tokens}
+    if trainer.is_global_zero:
+        os.makedirs(cfg.paths.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.paths.run_dir, "run.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    return info
+
+
 def build_callbacks(cfg: DictConfig) -> list:
     return [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
@@ -126,6 +157,7 @@ def train(cfg: DictConfig) -> dict:
     """Train as `cfg` says; returns the final callback metrics as floats."""
     L.seed_everything(cfg.seed, workers=True)
     # 1. cheap checks, before any data is read
+    check_launch(cfg)
     datamodule = build(cfg.data)
     datamodule.check()
     tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
@@ -153,15 +185,19 @@ def train(cfg: DictConfig) -> dict:
                    f"grid {mcfg.grid} = {mcfg.grid.num_tokens} tokens, "
                    f"{module.model.num_params() / 1e6:.2f}M non-embedding parameters")
     # 3. train
-    logger = build_logger(cfg)
-    trainer = build(cfg.trainer, logger=logger, callbacks=build_callbacks(cfg),
-                          default_root_dir=cfg.paths.run_dir)
-    if logger:
-        trainer.logger.log_hyperparams(resolved_config(cfg))
+    loggers = build_loggers(cfg)
+    trainer = build(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg),
+                    default_root_dir=cfg.paths.run_dir)
+    for logger in loggers:
+        logger.log_hyperparams(resolved_config(cfg))
+    info = write_run_info(cfg, module, trainer)
+    rank_zero_info(f"batch: {info['batch_per_device']} images per device x {info['devices']} device(s) = "
+                   f"{info['tokens_per_step']:,} tokens per optimizer step")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
-        hint = finish_wandb(logger) if type(logger).__name__ == "WandbLogger" else None
+        wandb = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+        hint = finish_wandb(wandb[0]) if wandb else None
         if hint and trainer.is_global_zero:
             print(hint)
     rank_zero_info(f"run dir: {cfg.paths.run_dir}")

@@ -1,10 +1,25 @@
-"""Compare finished runs from their local records: python scripts/compare.py RUN_DIR [RUN_DIR ...]"""
+"""Compare training runs from their local records (no wandb account needed).
 
-import sys
+    python scripts/compare.py RUN_DIR [RUN_DIR ...] [--out compare.png]
+    python scripts/compare.py multirun/DATE/TIME --out dense_vs_sparse.png    # every job of a sweep
 
-from imagegen.compare import format_table, summarize
+Prints a markdown table and writes a PNG of the validation metric against tokens and wall-clock.
+"""
+
+import argparse
+
+from imagegen.compare import format_table, plot, run_dirs, summarize
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run dirs (or sweep dirs holding them)")
+    parser.add_argument("--out", default="compare.png", help="the plot (PNG)")
+    args = parser.parse_args()
+    summaries = [summarize(d) for d in run_dirs(args.runs)]
+    print(format_table(summaries))
+    print(f"wrote {plot(summaries, args.out)}")
+
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    print(format_table([summarize(d) for d in sys.argv[1:]]))
+    main()

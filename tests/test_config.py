@@ -30,7 +30,7 @@ CASES = [(g, o) for g in GROUPS for o in options(g)]
 @pytest.mark.parametrize("group,option", CASES)
 def test_option_composes_and_instantiates(group, option, tiny_cfg, tmp_path):
     extra = [f"{group}={option}"]
-    if group == "data" and option == "folder":
+    if (group, option) in (("data", "folder"), ("experiment", "emoji")):
         extra.append(f"data.path={tmp_path}")
     if group == "trainer" and option == "gpu" and not torch.cuda.is_available():
         extra += ["trainer.accelerator=cpu", "trainer.precision=32-true"]  # the rest of it still instantiates
@@ -44,5 +44,12 @@ def test_option_composes_and_instantiates(group, option, tiny_cfg, tmp_path):
     datamodule = instantiate(cfg.data)
     assert datamodule.image_size == cfg.data.image_size
     logger = build_logger(cfg)
+    if group == "trainer" and option == "fsdp" and not torch.cuda.is_available():
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        assert isinstance(instantiate(cfg.trainer.strategy), FSDPStrategy)  # the rest needs GPUs
+        with pytest.raises(Exception, match="requires a GPU"):
+            instantiate(cfg.trainer, logger=logger, default_root_dir=str(tmp_path))
+        return
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=build_callbacks(cfg), default_root_dir=str(tmp_path))
     assert trainer.max_steps == cfg.trainer.max_steps

@@ -1,6 +1,7 @@
 """End to end on a CPU: a tiny run writes last.ckpt and metrics, resume continues, wandb offline works,
 bad input fails early with a clear message."""
 
+import json
 import os
 import subprocess
 import sys
@@ -108,18 +109,35 @@ def run_script(args, cwd):
 
 
 @pytest.mark.slow
-def test_command_line_sweep_runs_each_job_cleanly(tmp_path):
+def test_command_line_sweep_runs_each_job_cleanly_and_compares(tmp_path):
+    """-m model=dense,sparse with wandb offline: two clean jobs, each its own wandb run in one group, the
+    same metric names; compare.py on the sweep prints the table and writes the PNG."""
     from conftest import TINY
 
-    overrides = [o for o in TINY if not o.startswith("+")] + ["trainer.max_steps=2"]
+    overrides = [o for o in TINY if not o.startswith("+") and o != "logger=csv"]
+    overrides += ["logger=wandb", "trainer.max_steps=4", "experiment_name=sweep_test"]
     done = run_script(["-m", "model=dense,sparse", *overrides, f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
-    assert len(jobs) == 2
+    assert [j.name for j in jobs] == ["0_dense-tiny-palette", "1_sparse-tiny-palette"]
+    columns = []
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").is_file()
-        assert (job / "metrics.csv").is_file()
-    assert [j.name for j in jobs] == ["0_dense-tiny-palette", "1_sparse-tiny-palette"]
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs  # each job its own run, none written into the other job's
+        with open(job / "metrics.csv") as f:
+            columns.append(set(f.readline().strip().split(",")))
+        assert json.loads((job / "run.json").read_text())["model"] in job.name
+    assert columns[0] == columns[1]
+    assert {"train/loss", "val/loss", "val/bits_per_token", "perf/tokens_seen", "perf/wall_clock_s"} <= columns[0]
+    assert done.stdout.count("wandb sync") == 2
+    png = tmp_path / "compare.png"
+    cmp = subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), str(tmp_path / "sweep"), "--out",
+                          str(png)], capture_output=True, text=True, timeout=120)
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    table = [line for line in cmp.stdout.splitlines() if line.startswith("| dense") or line.startswith("| sparse")]
+    assert len(table) == 2 and all("val/bits_per_token" in line for line in table)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fit_palette_script_output_is_used_by_training(tiny_cfg, tmp_path):
@@ -133,3 +151,42 @@ def test_fit_palette_script_output_is_used_by_training(tiny_cfg, tmp_path):
     train(tiny_cfg(f"tokenizer.path={out}", "trainer.max_steps=1"))
     restored = ImageGPT.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")
     assert torch.equal(restored.tokenizer.palette, palette)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_writes_one_run(tmp_path):
+    """trainer=ddp with 2 CPU processes (gloo): Lightning relaunches the script for rank 1 into rank 0's
+    run dir, so there is one run dir, one wandb run, one metrics.csv; tokens count both ranks."""
+    from conftest import TINY
+
+    overrides = [o for o in TINY if not o.startswith("+") and o not in ("trainer=cpu", "logger=csv")]
+    overrides += ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+                  "logger=wandb", "trainer.max_steps=4"]
+    done = run_script(overrides, tmp_path)  # the default, time-stamped run dir under outputs/
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    info = json.loads((run / "run.json").read_text())
+    assert info["devices"] == 2 and info["tokens_per_step"] == 2 * 4 * 64
+    with open(run / "metrics.csv") as f:
+        header = f.readline().strip().split(",")
+        rows = [dict(zip(header, line.strip().split(","))) for line in f]
+    seen = max(float(r["perf/tokens_seen"]) for r in rows if r.get("perf/tokens_seen"))
+    assert seen == 4 * 2 * 4 * 64  # 4 steps x 2 ranks x 4 images x 64 tokens
+    assert "batch: 4 images per device x 2 device(s)" in done.stdout + done.stderr
+
+
+def test_external_launcher_needs_an_explicit_run_dir(tiny_cfg, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    from imagegen.distributed import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    cfg = tiny_cfg()
+    HydraConfig().set_config(cfg)
+    with pytest.raises(ValueError, match="hydra.run.dir"):
+        check_launch(cfg)
