@@ -77,6 +77,8 @@ def summarize(run_dir: str) -> dict:
     steady = speeds[len(speeds) // 2 :] or speeds  # later half: compile and warm-up excluded
     curve = validation_curve(rows, key) if key else []
     label = "-".join(str(info[k]) for k in ("model", "size", "tokenizer") if k in info) or os.path.basename(run_dir)
+    if info.get("devices", 1) > 1:
+        label += f" x{info['devices']} devices"
     return {
         "run": run_dir,
         "label": label,

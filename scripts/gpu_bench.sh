@@ -6,6 +6,11 @@
 # train:     scripts/benchmark.py train with the anchor GPT (ANCHORS/model_bench.py) in the same process
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model)
+# (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
+# ddp:       model=sparse on 1 GPU, then DDP on 2 GPUs (DDP_STEPS steps each), compared (2-GPU machine)
+# emoji:     one job of experiment=emoji (EMOJI_MODEL=dense|sparse, EMOJI_DIR=the 64x64 PNGs,
+#            EMOJI_TIME=trainer.max_time), then 16 samples from its last checkpoint; the run's records
+#            (metrics.csv, run.json, samples, patterns) are copied to $OUT/emoji_<model>
 # ANCHORS defaults to ../shared/anchors (copy them into the repo as .anchors/ for the device tool).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; ANCHORS=${ANCHORS:-../shared/anchors}
@@ -25,6 +30,25 @@ for stage in "$@"; do
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \
              > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"
            grep -E "bf16|passed|failed|Error|assert" "$OUT/gpu_tests.log" | tail -n 60 ;;
+    ddp) export WANDB_MODE=offline
+         for n in 1 2; do
+           python scripts/train.py trainer=ddp trainer.devices=$n model=sparse trainer.max_steps=${DDP_STEPS:-300} \
+             trainer.val_check_interval=${DDP_STEPS:-300} callbacks.sample_grid.every_n_steps=0 \
+             hydra.run.dir=/tmp/ddp_$n ${DDP_ARGS:-} > "$OUT/ddp_$n.log" 2>&1; echo "ddp on $n GPU(s): exit $?"
+           echo "run dirs: $(ls -d /tmp/ddp_$n | wc -l), wandb runs: $(ls -d /tmp/ddp_$n/wandb/offline-run-* | wc -l)"
+           mkdir -p "$OUT/ddp_$n"; cp /tmp/ddp_$n/metrics.csv /tmp/ddp_$n/run.json "$OUT/ddp_$n/"
+         done
+         python scripts/compare.py /tmp/ddp_1 /tmp/ddp_2 --out "$OUT/ddp.png" | tee "$OUT/ddp.md" ;;
+    emoji) export WANDB_MODE=offline; model=${EMOJI_MODEL:-sparse}; run=/tmp/emoji_$model
+           python scripts/train.py experiment=emoji model=$model data.path="$EMOJI_DIR" \
+             trainer.max_time=${EMOJI_TIME:-00:00:08:30} hydra.run.dir=$run ${EMOJI_ARGS:-} > "$OUT/emoji_$model.log" 2>&1
+           echo "emoji $model: exit $?"
+           python scripts/sample.py ckpt_path=$run/checkpoints/last.ckpt num_samples=16 out=$run/final_samples.png \
+             > "$OUT/emoji_${model}_sample.log" 2>&1; echo "sample: exit $?"
+           mkdir -p "$OUT/emoji_$model"
+           for f in metrics.csv run.json samples patterns final_samples.png; do
+             [ -e "$run/$f" ] && cp -r "$run/$f" "$OUT/emoji_$model/"; done
+           python scripts/compare.py $run --out "$OUT/emoji_$model/curve.png" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "stage $stage took $(( $(date +%s) - start )) s"
