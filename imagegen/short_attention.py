@@ -37,18 +37,28 @@ def short_attention_runs(q: torch.Tensor, seq_len: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _this_sequence(n1, n2):
+        """(i0, i1, i2): the sequence this program owns (program id = (i0 * n1 + i1) * n2 + i2)."""
+        pid = tl.program_id(0)
+        return pid // (n1 * n2), (pid // n2) % n1, pid % n2
+
+    @triton.jit
+    def _load(ptr, i0, i1, i2, s, d, inside, st0, st1, st2, st3):
+        """The (BLOCK_S, D) tile of sequence (i0, i1, i2), zero past its end."""
+        return tl.load(ptr + i0 * st0 + i1 * st2 + i2 * st3 + s[:, None] * st1 + d[None, :], mask=inside[:, None],
+                       other=0.0)
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
                     so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr):
         pid = tl.program_id(0)
-        i2 = pid % n2
-        i1 = (pid // n2) % n1
-        i0 = pid // (n1 * n2)
+        i0, i1, i2 = _this_sequence(n1, n2)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, D)
         inside = s < S
-        q = tl.load(Q + i0 * sq0 + i1 * sq2 + i2 * sq3 + s[:, None] * sq1 + d[None, :], mask=inside[:, None], other=0.0)
-        k = tl.load(K + i0 * sk0 + i1 * sk2 + i2 * sk3 + s[:, None] * sk1 + d[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(V + i0 * sv0 + i1 * sv2 + i2 * sv3 + s[:, None] * sv1 + d[None, :], mask=inside[:, None], other=0.0)
+        q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
+        k = _load(K, i0, i1, i2, s, d, inside, sk0, sk1, sk2, sk3)
+        v = _load(V, i0, i1, i2, s, d, inside, sv0, sv1, sv2, sv3)
         scores = tl.dot(q, tl.trans(k)) * scale  # (S, S) fp32
         causal = (s[:, None] >= s[None, :]) & inside[None, :]
         scores = tl.where(causal, scores, float("-inf"))
@@ -65,18 +75,16 @@ if triton is not None:
                     sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1, sg2, sg3, scale,
                     BLOCK_S: tl.constexpr, D: tl.constexpr):
         pid = tl.program_id(0)
-        i2 = pid % n2
-        i1 = (pid // n2) % n1
-        i0 = pid // (n1 * n2)
+        i0, i1, i2 = _this_sequence(n1, n2)
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, D)
         inside = s < S
+        q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
+        k = _load(K, i0, i1, i2, s, d, inside, sk0, sk1, sk2, sk3)
+        v = _load(V, i0, i1, i2, s, d, inside, sv0, sv1, sv2, sv3)
+        o = _load(O, i0, i1, i2, s, d, inside, so0, so1, so2, so3)
+        do = _load(DO, i0, i1, i2, s, d, inside, sd0, sd1, sd2, sd3)
         rows = s[:, None] * 1
-        q = tl.load(Q + i0 * sq0 + i1 * sq2 + i2 * sq3 + rows * sq1 + d[None, :], mask=inside[:, None], other=0.0)
-        k = tl.load(K + i0 * sk0 + i1 * sk2 + i2 * sk3 + rows * sk1 + d[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(V + i0 * sv0 + i1 * sv2 + i2 * sv3 + rows * sv1 + d[None, :], mask=inside[:, None], other=0.0)
-        o = tl.load(O + i0 * so0 + i1 * so2 + i2 * so3 + rows * so1 + d[None, :], mask=inside[:, None], other=0.0)
-        do = tl.load(DO + i0 * sd0 + i1 * sd2 + i2 * sd3 + rows * sd1 + d[None, :], mask=inside[:, None], other=0.0)
         lse = tl.load(LSE + pid * BLOCK_S + s)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (S,)
         scores = tl.dot(q, tl.trans(k)) * scale

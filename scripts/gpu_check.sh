@@ -15,6 +15,6 @@ for model in dense sparse; do
     hydra.run.dir="/tmp/gpu_check/$model" > "$OUT/train_$model.log" 2>&1
   echo "train $model: exit $?"; cp "/tmp/gpu_check/$model/metrics.csv" "$OUT/metrics_$model.csv"
 done
-python scripts/compare.py /tmp/gpu_check/dense /tmp/gpu_check/sparse | tee "$OUT/compare.md"
+python scripts/compare.py /tmp/gpu_check/dense /tmp/gpu_check/sparse --out "$OUT/compare.png" | tee "$OUT/compare.md"
 timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
 grep -E "bf16|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 80
