@@ -54,6 +54,36 @@ def attention_call(spec: str, grid: Grid, batch: int, heads: int = 8, dim: int =
     return step
 
 
+def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
+    """Candidate kernels that `auto` does not use (yet), timed on the same shapes for the record; one
+    that fails records its error instead of stopping the benchmark."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from imagegen.attention import column_attention, dense_attention, flex_attention_pattern
+
+    def with_backend(fn, backend):
+        def run(q, k, v):
+            with sdpa_kernel([backend]):
+                return fn(q, k, v, grid)
+        return run
+
+    variants = {
+        "local: flex, 64-token blocks": ("local", lambda q, k, v: flex_attention_pattern(
+            q, k, v, grid, ("local",), PatternParams(), block=64)),
+        "column: views + cuDNN attention": ("column", with_backend(column_attention, SDPBackend.CUDNN_ATTENTION)),
+        "dense: cuDNN attention": ("dense", with_backend(dense_attention, SDPBackend.CUDNN_ATTENTION)),
+        "column: triton backend": ("column", None),
+    }
+    out = {}
+    for name, (spec, run) in variants.items():
+        try:
+            backend = "triton" if run is None else "auto"
+            out[name] = time_ms(attention_call(spec, grid, batch, backend=backend, dtype=dtype, run=run), quick)
+        except Exception as e:  # noqa: BLE001  (a candidate that cannot run is a result)
+            out[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 def attended_pairs(pattern: str, grid: Grid) -> int:
     if pattern == "dense":
         n = grid.num_tokens
@@ -75,6 +105,8 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
         for spec, backend in others:  # the other exact backends, for the record
             res[f"{spec}_{backend}"] = time_ms(attention_call(spec, grid, batch, backend=backend, device=device,
                                                               dtype=dtype), quick)
+        if device == "cuda":
+            res["experiments"] = experimental_variants(grid, batch, dtype, quick)
 
         res["sparse_mean"] = (res["local"] + res["column"]) / 2
         res["speedup_local"] = res["dense"] / res["local"]
@@ -107,6 +139,10 @@ def format_attention(result: dict) -> str:
                    f"{r['local_banded']:.3f} ms | {r['column']:.3f} ms ({r['speedup_column']:.1f}x) | "
                    f"{r['column_axial']:.3f} ms | {r['row']:.3f} ms | {r['sparse_mean']:.3f} ms | "
                    f"{r['speedup_mean']:.2f}x |")
+    for r in result["attention"]:
+        for name, value in r.get("experiments", {}).items():
+            shown = f"{value:.3f} ms" if isinstance(value, float) else value
+            out.append(f"- {r['shape']}, candidate {name}: {shown}")
     out += ["", "Scaling (batch 4, 8 heads; sparse = mean of local and column layers)",
             "| sequence | N | attended pairs dense | sparse | N*sqrt(N) | dense time | sparse time | x dense |",
             "|---|---|---|---|---|---|---|---|"]
