@@ -7,10 +7,13 @@
     nats = pipe.log_likelihood(images)                                       # (B,) nats per image
 
 Loading reads tensors and plain values only (torch.load(weights_only=True)): a checkpoint cannot run code.
+Sampling on a GPU runs a bf16 copy of the model with CUDA graphs (`dtype="auto"`); `dtype=torch.float32`
+samples with the weights as they are.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -28,6 +31,19 @@ class Pipeline:
         self.model = model.eval()
         self.tokenizer = tokenizer.eval()
         self.config = config or {}
+        self._cast = None  # (dtype, a copy of the model in it), made once for sampling
+
+    def sampling_model(self, dtype: str | torch.dtype = "auto") -> ImageTransformer:
+        """The model sampling runs: `auto` = a bf16 copy on GPUs that support bf16, else the model itself.
+        The copy is taken once; a pipeline whose weights change afterwards should pass the model's dtype."""
+        if dtype == "auto":
+            cuda = self.device.type == "cuda"
+            dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+        if dtype is None or dtype == next(self.model.parameters()).dtype:
+            return self.model
+        if self._cast is None or self._cast[0] != dtype:
+            self._cast = (dtype, copy.deepcopy(self.model).to(dtype).eval())
+        return self._cast[1]
 
     @property
     def device(self) -> torch.device:
@@ -62,9 +78,10 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
                prompt: torch.Tensor | None = None, prompt_rows: int = 0, batch_size: int | None = None,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, dtype: str | torch.dtype = "auto") -> torch.Tensor:
         """n images, uint8 (n, H, W, 3). With `prompt` (uint8 (n, H, W, 3)), the top `prompt_rows` pixel
-        rows of each prompt are kept (after tokenization) and the rest is sampled."""
+        rows of each prompt are kept (after tokenization) and the rest is sampled. `dtype`: see
+        sampling_model."""
         if n < 1:
             raise ValueError(f"n must be positive, got {n}")
         H, W = self.grid.height, self.grid.width
@@ -78,13 +95,14 @@ class Pipeline:
                 raise ValueError(f"prompt holds {prompt.shape[0]} images for n={n} samples")
         batch_size = batch_size or n
         per_row = W * self.grid.channels
+        model = self.sampling_model(dtype)
         out = []
         for i, start in enumerate(range(0, n, batch_size)):
             b = min(batch_size, n - start)
             prefix = None
             if prompt is not None and prompt_rows:
                 prefix = self.tokenizer.encode(prompt[start : start + b].to(self.device))[:, : prompt_rows * per_row]
-            tokens = Sampler(self.model, b).generate(
+            tokens = Sampler(model, b).generate(
                 temperature, top_k, None if seed is None else seed + i, prefix, progress=progress)
             out.append(self.tokenizer.decode(tokens, H, W).cpu())
         return torch.cat(out)

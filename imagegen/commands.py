@@ -33,6 +33,9 @@ def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
 
 def sample(cfg: DictConfig) -> str:
     """Sample a grid (and one PNG per image in a folder beside it); with prompt=DIR complete images."""
+    if cfg.get("dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    dtype = "auto" if cfg.get("dtype", "auto") == "auto" else getattr(torch, cfg.dtype)
     pipe = imagegen.load(cfg.ckpt_path, device=pick_device(cfg.device))
     H = pipe.grid.height
     prompt = None
@@ -44,7 +47,8 @@ def sample(cfg: DictConfig) -> str:
     elif cfg.prompt_rows:
         raise ValueError("prompt_rows needs prompt=DIR (a folder of images to complete)")
     images = pipe.sample(cfg.num_samples, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed,
-                         prompt=prompt, prompt_rows=cfg.prompt_rows, batch_size=cfg.batch_size, progress=True)
+                         prompt=prompt, prompt_rows=cfg.prompt_rows, batch_size=cfg.batch_size, progress=True,
+                         dtype=dtype)
     folder = os.path.splitext(cfg.out)[0]
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate(images):

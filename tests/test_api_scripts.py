@@ -103,3 +103,13 @@ def test_evaluate_equals_the_api(ckpt, tmp_path):
     assert result["bits_per_token"] == pytest.approx(expected, rel=1e-5)
     lo, hi = result["bits_per_token_ci95"]
     assert lo < result["bits_per_token"] < hi
+
+
+def test_sampling_dtype_choice(ckpt):
+    """auto keeps the fp32 model on a CPU; an explicit bf16 samples from a bf16 copy, the original untouched."""
+    pipe = imagegen.load(str(ckpt))
+    assert pipe.sampling_model("auto") is pipe.model
+    images = pipe.sample(2, seed=0, dtype=torch.bfloat16)
+    assert images.dtype == torch.uint8 and images.shape == (2, pipe.grid.height, pipe.grid.width, 3)
+    assert next(pipe.model.parameters()).dtype == torch.float32
+    assert next(pipe.sampling_model(torch.bfloat16).parameters()).dtype == torch.bfloat16
