@@ -2,10 +2,15 @@
 
 `column` attention is H-token causal attention for every (image, column, channel, head): thousands of
 sequences of 64 tokens, each a strided slice of the (B, N, heads, D) projection. FlashAttention runs them
-as a batch of tiny problems and pays for its generality (128-wide tiles half empty, an fp32 dq
-accumulator, several passes). Here one program holds a whole sequence in registers: the forward reads
-q, k, v once and writes o and the log-sum-exp; the backward reads q, k, v, o, do once and writes dq, dk,
-dv, with no atomics. `row` is the same problem with the sequence along the row.
+as a batch of tiny problems (128-wide tiles half empty, an fp32 dq accumulator, several passes). Here
+one program holds a whole sequence in registers: the forward reads q, k, v once and writes o and the
+log-sum-exp; the backward reads q, k, v, o, do once and writes dq, dk, dv, with no atomics. `row` is the
+same problem with the sequence along the row.
+
+Status, measured (H100, bf16, forward + backward): exact, but slower than FlashAttention on the
+zero-copy views: 1.03 vs 0.72 ms for `column` at N=4096 x 16, 1.18 vs 0.55 ms at N=12288 x 4. The
+`auto` backend therefore does not use it; `backend=triton` selects it (kept as the starting point
+for a faster kernel, with its exactness tests on the GPU and in Triton's CPU interpreter).
 
     y = short_causal_attention(q5, k5, v5)   # (n0, S, n1, n2, D) strided views -> (n0, S, n1, n2, D)
 
@@ -113,11 +118,10 @@ def _warps(seq_len: int) -> int:
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n0, S, n1, n2, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (n0, S, n1, n2, D)
-    o5 = o
     block = _block(S)
     lse = torch.empty(n0 * n1 * n2 * block, dtype=torch.float32, device=q.device)
     _fwd_kernel[(n0 * n1 * n2,)](
-        q, k, v, o5, lse, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *o5.stride()[:4],
+        q, k, v, o, lse, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *o.stride()[:4],
         1.0 / math.sqrt(D), BLOCK_S=block, D=D, num_warps=_warps(S))
     return o, lse
 

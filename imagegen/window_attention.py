@@ -20,8 +20,6 @@ import torch
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-
-
 def _torch_has_window() -> bool:
     op = getattr(torch.ops.aten, "_flash_attention_forward", None)
     return op is not None and "window_size_left" in str(op.default._schema)
