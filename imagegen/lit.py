@@ -20,7 +20,8 @@ CHECKPOINT_FORMAT = 1
 
 
 class ImageGPT(L.LightningModule):
-    def __init__(self, model: dict, tokenizer: dict, optim: dict | None = None, compile: bool = False):
+    def __init__(self, model: dict, tokenizer: dict, optim: dict | None = None, compile: bool = False,
+                 compile_mode: str = "default"):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = build_tokenizer(tokenizer)
@@ -37,7 +38,8 @@ class ImageGPT(L.LightningModule):
         # what training calls: the model's loss (forward + fp32 cross-entropy), compiled as one graph so the
         # fp32 logits need not be materialised; a bound method, never a registered submodule, so the state
         # dict holds each weight once, without an `_orig_mod.` prefix
-        object.__setattr__(self, "_loss", torch.compile(self.model.loss) if compile else self.model.loss)
+        loss = torch.compile(self.model.loss, mode=compile_mode) if compile else self.model.loss
+        object.__setattr__(self, "_loss", loss)
 
     @property
     def grid(self):

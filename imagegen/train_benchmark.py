@@ -96,7 +96,7 @@ def load_anchor(path: str | Path):
     return module
 
 
-def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None) -> dict:
+def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, compile_mode: str = "default") -> dict:
     label, V, H, W, C, n_layer, d, heads, batch = size
     n, row_len = H * W * C, W * C
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None) -> 
         cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
                           layout=layout)
         model = ImageTransformer(cfg).to(device)
-        loss_fn = torch.compile(model.loss) if device == "cuda" else model.loss
+        loss_fn = torch.compile(model.loss, mode=compile_mode) if device == "cuda" else model.loss
         params = model.num_params()
         specs = parse_layout(layout)
         layers = [specs[i % len(specs)].groups[0][0] for i in range(n_layer)]
@@ -124,12 +124,15 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None) -> 
     if device == "cuda":
         torch.cuda.empty_cache()
     torch._dynamo.reset()
-    return {"size": label, "model": kind, "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads,
+    compiled_with = compile_mode if device == "cuda" and kind != "anchor" else "default"  # CPU: eager
+    name = kind if compiled_with == "default" else f"{kind}, {compile_mode}"
+    return {"size": label, "model": name, "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads,
             "params_M": params / 1e6, "ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
             "peak_mem_gib": mem, "warmup_s": compile_s}
 
 
-def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None) -> dict:
+def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,
+                compile_modes: tuple[str, ...] = ("default",)) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     anchor = load_anchor(anchor_path) if anchor_path else None
     table = QUICK_SIZES if quick else SIZES
@@ -137,9 +140,12 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
     for i, size in enumerate(table):
         if sizes is not None and i not in sizes:
             continue
-        for kind in (["anchor"] if anchor else []) + ["dense", "sparse"]:
+        runs = [("anchor", "default")] if anchor else []
+        modes = compile_modes if device == "cuda" else ("default",)  # nothing is compiled on a CPU
+        runs += [(kind, mode) for mode in modes for kind in ("dense", "sparse")]
+        for kind, mode in runs:
             try:
-                rows.append(bench_one(kind, size, device, quick, anchor))
+                rows.append(bench_one(kind, size, device, quick, anchor, mode))
             except torch.OutOfMemoryError as e:  # a size that does not fit is a result, not a crash
                 rows.append({"size": size[0], "model": kind, "error": f"out of memory: {str(e)[:120]}"})
             print(rows[-1], flush=True)

@@ -173,7 +173,8 @@ def train(cfg: DictConfig) -> dict:
                              + "\n  ".join(diffs))
     compile_model = resolve_auto(cfg.compile, uses_gpu(cfg))
     module = ImageGPT(model=mcfg.to_dict(), tokenizer=tokenizer.config(),
-                      optim=OmegaConf.to_container(cfg.optim, resolve=True), compile=compile_model)
+                      optim=OmegaConf.to_container(cfg.optim, resolve=True), compile=compile_model,
+                      compile_mode=cfg.get("compile_mode", "default"))
     # 2. the palette: from a file, from the checkpoint being resumed, or fitted on training pixels
     if not module.tokenizer.is_fitted:
         if tokenizer_cfg.get("path"):

@@ -20,6 +20,8 @@ def main():
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
     parser.add_argument("--sizes", type=int, nargs="+", help="train: which of the sizes to run (0, 1, 2)")
+    parser.add_argument("--compile-modes", nargs="+", default=["default"],
+                        help="train: torch.compile modes to time our models with (e.g. default max-autotune-no-cudagraphs)")
     args = parser.parse_args()
     if args.what == "attention":
         result = benchmark.bench_attention(quick=args.quick)
@@ -31,7 +33,8 @@ def main():
         result = train_benchmark.bench_largest()
         print(train_benchmark.format_largest(result))
     else:
-        result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes)
+        result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes,
+                                             compile_modes=tuple(args.compile_modes))
         print(train_benchmark.format_train(result))
     benchmark.save(result, args.out)
 
