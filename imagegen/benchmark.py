@@ -80,7 +80,7 @@ def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
             backend = "triton" if run is None else "auto"
             out[name] = time_ms(attention_call(spec, grid, batch, backend=backend, dtype=dtype, run=run), quick)
         except Exception as e:  # noqa: BLE001  (a candidate that cannot run is a result)
-            out[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+            out[name] = f"failed: {type(e).__name__}: {str(e)[-400:]}"
     return out
 
 
