@@ -7,9 +7,10 @@ run on zero-copy views (DESIGN.md section 4). Backends:
     axial      `row` and `column` as views of the sequence, SDPA/FlashAttention underneath
     banded     `local` as each row of queries against its window of (rows+1) rows of keys: O(N*L)
                memory, exact, with a backward on CPU and GPU
-    triton     `column` and `row` as one Triton program per short sequence (CUDA, bf16/fp16, sequence
-               <= 128): each (image, column, channel, head) sequence is read once, held in registers, and
-               its backward needs no atomics (imagegen.short_attention)
+    triton     our Triton kernels (CUDA, bf16/fp16): `column` and `row` as one program per short sequence
+               (imagegen.short_attention), `local` as a band over 64 x 64 tiles with an atomic-free
+               backward (imagegen.band_attention); exact, not yet faster than flash/axial, so `auto`
+               does not pick them
     flash      `local` as FlashAttention-2's sliding window (CUDA, bf16/fp16): the varlen kernel over the
                contiguous (B*N, heads, D) projection with window (rows*L - 1, 0): no mask, no copy, and
                only the key blocks inside the band are visited (imagegen.window_attention)
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from imagegen.patterns import LayerSpec, PatternParams, union_mask
+from imagegen.band_attention import band_attention, band_attention_runs
 from imagegen.short_attention import short_attention_runs, short_causal_attention
 from imagegen.window_attention import flash_window_runs, window_attention
 
@@ -123,6 +125,13 @@ def triton_axial_attention(q, k, v, grid: Grid, axis: str = "column"):
         return t.reshape(B * H, L, 1, h, D)  # sequences = (image row, head), S = the row
 
     return short_causal_attention(view(q), view(k), view(v)).view(B, N, h, D)
+
+
+def triton_local_attention(q, k, v, grid: Grid, rows: int = 1):
+    if not band_attention_runs(q):
+        raise RuntimeError("the triton backend needs CUDA, bf16/fp16 inputs and head dim 16/32/64/128; "
+                           "use backend=auto")
+    return band_attention(q, k, v, window=rows * grid.row_len)
 
 
 def triton_column_attention(q, k, v, grid: Grid):
@@ -226,10 +235,9 @@ def _kernel(names: tuple[str, ...], backend: str, q: torch.Tensor | None = None,
         return None
     if backend == "flash" or (backend == "auto" and single == "local" and q is not None and flash_window_runs(q)):
         return flash_local_attention if single == "local" else None
-    if single in ("column", "row") and backend == "triton":  # exact, but slower than axial on H100 (README)
-        return triton_column_attention if single == "column" else triton_row_attention
-    if backend == "triton":
-        return None
+    if backend == "triton":  # exact, but not (yet) faster than flash / axial on the H100 (README)
+        return {"column": triton_column_attention, "row": triton_row_attention,
+                "local": triton_local_attention}.get(single)
     if backend == "flex" or (backend == "auto" and on_cuda and single not in ("dense", "row", "column")):
         return flex_attention_pattern  # any pattern is a mask_mod; on CUDA it beats the N x N reference
     if backend in ("auto", "axial"):
@@ -267,7 +275,7 @@ def attend(q, k, v, spec: LayerSpec, grid: Grid, params: PatternParams, backend:
     for names, h0, h1 in spec.head_groups(q.shape[2]):
         qs, ks, vs = (t[:, :, h0:h1] for t in (q, k, v))
         kernel = _kernel(names, backend, q, grid)
-        if kernel in (banded_local_attention, flash_local_attention):
+        if kernel in (banded_local_attention, flash_local_attention, triton_local_attention):
             outs.append(kernel(qs, ks, vs, grid, rows=params.rows))
         elif kernel is flex_attention_pattern:
             outs.append(kernel(qs, ks, vs, grid, names, params))

@@ -73,6 +73,7 @@ def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
         "column: views + cuDNN attention": ("column", with_backend(column_attention, SDPBackend.CUDNN_ATTENTION)),
         "dense: cuDNN attention": ("dense", with_backend(dense_attention, SDPBackend.CUDNN_ATTENTION)),
         "column: triton backend": ("column", None),
+        "local: triton band kernel": ("local", None),
     }
     out = {}
     for name, (spec, run) in variants.items():
