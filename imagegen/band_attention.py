@@ -46,6 +46,19 @@ if triton is not None:
         return (dist >= 0) & (dist < W) & (ks < N)[None, :] & (qs < N)[:, None]
 
     @triton.jit
+    def _row_stats(LSE, DELTA, bh, qs, N):
+        """Log-sum-exp (forward) and rowsum(o * do) of queries qs."""
+        lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
+        return lse, tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
+
+    @triton.jit
+    def _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, scale):
+        """The tile's attention probabilities p (recomputed) and score gradients ds = p * (dp - delta)."""
+        p = tl.where(_band(qs, ks, N, W), tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        return p, (p * (dp - delta[:, None]) * scale).to(q.dtype)
+
+    @triton.jit
     def _fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
         m0 = tl.program_id(0) * BLOCK_M
@@ -93,13 +106,9 @@ if triton is not None:
             qs = m0 + tl.arange(0, BLOCK_M)
             q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
             do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
-            lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
-            delta = tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
-            band = _band(qs, ks, N, W)
-            p = tl.where(band, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)  # (M, N)
+            lse, delta = _row_stats(LSE, DELTA, bh, qs, N)
+            p, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, scale)  # (M, N) each
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
             dk += tl.dot(tl.trans(ds), q)
         out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(ks < N)[:, None])
@@ -116,17 +125,14 @@ if triton is not None:
         d = tl.arange(0, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
         do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
-        lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
-        delta = tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, bh, qs, N)
         dq = tl.zeros((BLOCK_M, D), tl.float32)
         lo = tl.maximum(m0 - W + 1, 0) // BLOCK_N * BLOCK_N
         for n0 in range(lo, m0 + BLOCK_M, BLOCK_N):
             ks = n0 + tl.arange(0, BLOCK_N)
             k = _tile(K, b, h, ks, d, N, skb, skn, skh)
             v = _tile(V, b, h, ks, d, N, svb, svn, svh)
-            p = tl.where(_band(qs, ks, N, W), tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = (p * (dp - delta[:, None]) * scale).to(k.dtype)
+            _, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, scale)
             dq += tl.dot(ds, k)
         tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=(qs < N)[:, None])
