@@ -12,6 +12,9 @@
 #            EMOJI_TIME=trainer.max_time), then 16 samples from its last checkpoint; the run's records
 #            (metrics.csv, run.json, samples, patterns) are copied to $OUT/emoji_<model>
 # ANCHORS defaults to ../shared/anchors (copy them into the repo as .anchors/ for the device tool).
+# The device machine has no network: for the emoji stage copy the PNGs into the repo first, e.g.
+#   cp -r ~/data/node_modules/emoji-datasource-twitter/img/twitter/64 .data/emoji64   (git-ignored, 18 MB)
+# and carry .data with the call (EMOJI_DIR=.data/emoji64).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; ANCHORS=${ANCHORS:-../shared/anchors}
 mkdir -p "$OUT"
