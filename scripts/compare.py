@@ -16,7 +16,10 @@ def main():
     parser.add_argument("runs", nargs="+", help="run dirs (or sweep dirs holding them)")
     parser.add_argument("--out", default="compare.png", help="the plot (PNG)")
     args = parser.parse_args()
-    summaries = [summarize(d) for d in run_dirs(args.runs)]
+    try:
+        summaries = [summarize(d) for d in run_dirs(args.runs)]
+    except FileNotFoundError as e:
+        parser.exit(2, f"compare.py: {e}\n")
     print(format_table(summaries))
     print(f"wrote {plot(summaries, args.out)}")
 
