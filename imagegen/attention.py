@@ -12,15 +12,15 @@ run on zero-copy views (DESIGN.md section 4). Backends:
                backward (imagegen.band_attention); exact, not yet faster than flash/axial, so `auto`
                does not pick them
     flash      `local` as FlashAttention-2's sliding window (CUDA, bf16/fp16): the varlen kernel over the
-               contiguous (B*N, heads, D) projection with window (rows*L - 1, 0): no mask, no copy, and
+               (B*N, heads, D) view of the projection with window (rows*L - 1, 0): no mask, no copy, and
                only the key blocks inside the band are visited (imagegen.window_attention)
     flex       FlexAttention (CUDA only: it has no CPU backward), any pattern as a mask_mod; compiled,
                one BlockMask per (pattern, grid, device), and a recompile-limit hit raises instead of
                silently falling back to the O(N^2) eager path
     auto       the fastest exact backend per pattern, device and dtype (reference only where nothing
-               else fits): on CUDA local -> flash (flex where flash cannot run), column/row -> triton
-               (axial where the sequence is longer than 128),
-               dense -> FlashAttention, other patterns and unions -> flex; on CPU local -> banded
+               else fits): on CUDA local -> flash (flex where flash cannot run), column/row -> axial,
+               dense -> FlashAttention, other patterns and unions -> flex; on CPU local -> banded,
+               column/row -> axial
 
 `attend(q, k, v, spec, grid, params, backend)` runs one layer spec (several head groups, each a pattern
 or a merged union); `supports(backend, names)` says whether a backend can run a head group.
@@ -34,8 +34,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from imagegen.patterns import LayerSpec, PatternParams, union_mask
 from imagegen.band_attention import band_attention, band_attention_runs
+from imagegen.patterns import LayerSpec, PatternParams, union_mask
 from imagegen.short_attention import short_attention_runs, short_causal_attention
 from imagegen.window_attention import flash_window_runs, window_attention
 
