@@ -96,8 +96,8 @@ def summarize(run_dir: str) -> dict:
 
 
 def format_table(summaries: list[dict]) -> str:
-    out = ["| run | params | steps | tokens seen | wall-clock | tokens/s (steady) | peak mem GiB | metric | "
-           "best val | last val |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [("| run | params | steps | tokens seen | wall-clock | tokens/s (steady) | peak mem GiB | metric | "
+            "best val | last val |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         params = f"{s['params'] / 1e6:.2f}M" if s["params"] else "-"
         out.append(f"| {s['label']} | {params} | {s['steps']} | {s['tokens_seen']:,.0f} | "

@@ -104,7 +104,8 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         # the anchor's GPT: (V, N, d, h, L, kinds, H, W); its W is the row length
         model = anchor.GPT(V, n, d, heads, n_layer, ["dense"], H, row_len).to(device)
         compiled = torch.compile(model)
-        loss_fn = lambda t: compiled(t, t)  # noqa: E731  (random tokens: the target does not change the cost)
+        def loss_fn(t):
+            return compiled(t, t)  # random tokens: the target does not change the cost
         params = sum(p.numel() for p in model.parameters()) - V * d - n * d
         layers = ["dense"] * n_layer
     else:
@@ -154,8 +155,8 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
 
 
 def format_train(result: dict) -> str:
-    out = [f"Training step: forward + backward + fused AdamW, bf16 autocast, compiled "
-           f"({result['device']}, torch {result['torch']}; medians)",
+    out = [(f"Training step: forward + backward + fused AdamW, bf16 autocast, compiled "
+            f"({result['device']}, torch {result['torch']}; medians)"),
            "| size | N x batch | model | params | ms/step | tokens/s | x anchor | MFU | peak mem |",
            "|---|---|---|---|---|---|---|---|---|"]
     anchors = {r["size"]: r for r in result["train"] if r["model"] == "anchor" and "error" not in r}
@@ -225,8 +226,8 @@ def bench_largest(max_batch: int = 64) -> dict:
 
 
 def format_largest(result: dict) -> str:
-    out = [f"Largest batch that trains: {result['size']} ({result['device']}, {result['memory_gib']:.0f} GiB; "
-           "eager bf16 steps, batch doubled until out of memory)",
+    out = [(f"Largest batch that trains: {result['size']} ({result['device']}, {result['memory_gib']:.0f} GiB; "
+            "eager bf16 steps, batch doubled until out of memory)"),
            "| model | activation checkpointing | batch | tokens per step | peak memory | s/step (eager) |",
            "|---|---|---|---|---|---|"]
     for r in result["largest"]:

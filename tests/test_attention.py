@@ -107,6 +107,6 @@ def test_triton_kernels_equal_reference_in_the_interpreter():
 
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "max rel err" in done.stdout
