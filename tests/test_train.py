@@ -48,6 +48,9 @@ def test_resume_continues_global_step_optimizer_and_schedule(tiny_cfg, tmp_path)
     assert second["global_step"] == 6
     assert second["lr_schedulers"][0]["last_epoch"] == 6  # the schedule continued, not restarted
     assert second["optimizer_states"][0]["state"][0]["step"].item() == 6  # so did AdamW's moments
+    monitor = lambda ckpt: next(v for k, v in ckpt["callbacks"].items() if "ThroughputMonitor" in k)  # noqa: E731
+    assert monitor(second)["tokens_seen"] == 2 * monitor(first)["tokens_seen"]  # tokens and time continue
+    assert monitor(second)["wall_clock_s"] > monitor(first)["wall_clock_s"] > 0
 
 
 def test_subpixel_run_reports_bits_per_dim(tiny_cfg):
