@@ -22,7 +22,9 @@ ATTENTION_SHAPES = [
 SCALING_SHAPES = [("1K", Grid(32, 32, 1)), ("4K", Grid(64, 64, 1)), ("16K", Grid(128, 128, 1))]
 
 
-def time_ms(fn, quick: bool = False) -> float:
+def time_ms(fn, quick: bool = False, warmup_ms: int = 100, rep_ms: int = 500) -> float:
+    """Median milliseconds of fn(): CUDA-event timings on a GPU (warm-up and repetition budgets in ms;
+    quick: 25 and 100), a rough wall-clock median on a CPU."""
     if not torch.cuda.is_available():  # CPU: a rough wall-clock median, for --quick smoke runs only
         import time
 
@@ -35,7 +37,7 @@ def time_ms(fn, quick: bool = False) -> float:
         return sorted(ts)[len(ts) // 2]
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 500, return_mode="median")
+    return do_bench(fn, warmup=25 if quick else warmup_ms, rep=100 if quick else rep_ms, return_mode="median")
 
 
 def attention_call(spec: str, grid: Grid, batch: int, heads: int = 8, dim: int = 64, backend: str = "auto",

@@ -44,17 +44,12 @@ class ThroughputMonitor(L.Callback):
         return self.wall_clock_before + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
 
     def on_train_start(self, trainer, pl_module):
-        from imagegen.train_benchmark import peak_flops, step_flops
+        from imagegen.train_benchmark import model_step_flops, peak_flops
 
         self._fit_start = time.perf_counter()
-        cfg = pl_module.model.cfg
         peak = peak_flops() if pl_module.device.type == "cuda" else None
         if peak:
-            specs = [s.split("|")[0].split("+")[0] for s in cfg.layout]  # first pattern of each layer spec
-            layers = [specs[i % len(specs)] for i in range(cfg.n_layer)]
-            layers = [p if p in ("dense", "local", "column", "row") else "dense" for p in layers]  # upper bound
-            flops = step_flops(pl_module.model.num_params(), layers, cfg.n_embd, cfg.height, cfg.grid.row_len)
-            self._flops_per_token = flops / peak
+            self._flops_per_token = model_step_flops(pl_module.model) / peak
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._start is None:
@@ -114,6 +109,13 @@ class WandbSummaries(L.Callback):
             run.define_metric("perf/tokens_per_sec", summary="mean")
 
 
+def log_images(trainer, key: str, images: list, **kwargs) -> None:
+    """Give pictures to every logger that takes them (wandb); the files are written by the caller."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=images, **kwargs)
+
+
 class CrashCheckpoint(L.Callback):
     """Saves `<dirpath>/on_exception.ckpt` when training raises (Ctrl-C included), so a crash loses nothing.
 
@@ -151,9 +153,7 @@ class PatternPictures(L.Callback):
         }
         for name, image in pictures.items():
             image.save(os.path.join(self.dirpath, f"{name}.png"))
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # wandb
-                logger.log_image(key="patterns", images=list(pictures.values()), caption=list(pictures))
+        log_images(trainer, "patterns", list(pictures.values()), caption=list(pictures))
 
 
 class SampleGrid(L.Callback):
@@ -182,6 +182,4 @@ class SampleGrid(L.Callback):
         pl_module.tokenizer.train(was_training)
         path = os.path.join(self.dirpath, f"step_{step:07d}.png")
         save_grid(images, path, nrow=max(1, int(self.n**0.5)))
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # wandb
-                logger.log_image(key="samples", images=[path], step=step)
+        log_images(trainer, "samples", [path], step=step)

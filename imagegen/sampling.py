@@ -95,11 +95,10 @@ class Sampler:
         n = self.grid.num_tokens
         full = any(c.full for c in self.caches)
         self.spans = sorted({min(n, s) for s in range(span, n + span, span)}) if full else [n]
-        self.pos = None  # position embedding (N, d), taken from the model at each generate call
+        self.pos = None  # position embedding (N, d), refreshed in place from the model at each call
         self.t = torch.zeros((), dtype=torch.long, device=self.device)  # the step, on the device
         self.prev = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # token in slot t (token t-1)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.graphs_pos = None  # the position-embedding tensor the graphs read
 
     def _sdpa_backends(self):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -153,12 +152,12 @@ class Sampler:
 
     def _begin(self):
         """Fresh caches and step 0; the CUDA graphs are captured once per sampler and reused."""
-        self.pos = self.model.position_embedding().detach().to(self.dtype)
-        if self.use_graphs and self.graphs and self.graphs_pos is not self.pos:
-            self.graphs_pos.copy_(self.pos)  # the graphs read the tensor they were captured with
-            self.pos = self.graphs_pos
+        pos = self.model.position_embedding().detach().to(self.dtype)
+        if self.pos is None:
+            self.pos = pos
+        else:
+            self.pos.copy_(pos)  # in place: the CUDA graphs read the tensor they were captured with
         if self.use_graphs and not self.graphs:
-            self.graphs_pos = self.pos
             with self._sdpa_backends():
                 self._capture()
         for cache in self.caches:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from imagegen.benchmark import time_ms
 from imagegen.model import ImageTransformer, ModelConfig
 from imagegen.patterns import parse_layout
 
@@ -41,8 +42,10 @@ def peak_flops() -> float | None:
 
 
 def attended_keys(pattern: str, height: int, row_len: int) -> float:
-    """Mean keys per query, the anchor's convention (dense N/2, local L, column H/2, row L/2)."""
-    return {"dense": height * row_len / 2, "local": row_len, "column": height / 2, "row": row_len / 2}[pattern]
+    """Mean keys per query, the anchor's convention (dense N/2, local L, column H/2, row L/2); other
+    patterns and unions count as dense (an upper bound)."""
+    keys = {"local": row_len, "column": height / 2, "row": row_len / 2}
+    return keys.get(pattern, height * row_len / 2)
 
 
 def step_flops(params_non_emb: int, layers: list[str], d: int, height: int, row_len: int) -> float:
@@ -50,17 +53,12 @@ def step_flops(params_non_emb: int, layers: list[str], d: int, height: int, row_
     return 6 * params_non_emb + sum(12 * d * attended_keys(p, height, row_len) for p in layers)
 
 
-def _timer(quick: bool):
-    if not torch.cuda.is_available():
-        def cpu_time(fn):
-            fn()
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-        return cpu_time
-    from triton.testing import do_bench
-
-    return lambda fn: do_bench(fn, warmup=25 if quick else 200, rep=100 if quick else 1500, return_mode="median")
+def model_step_flops(model: ImageTransformer) -> float:
+    """step_flops of one of our models; each layer counted by the first pattern of its first head group."""
+    cfg = model.cfg
+    specs = parse_layout(cfg.layout)
+    layers = [specs[i % len(specs)].groups[0][0] for i in range(cfg.n_layer)]
+    return step_flops(model.num_params(), layers, cfg.n_embd, cfg.height, cfg.grid.row_len)
 
 
 def _measure(model: torch.nn.Module, loss_fn, batch: int, n_tokens: int, vocab: int, device: str, quick: bool):
@@ -83,7 +81,7 @@ def _measure(model: torch.nn.Module, loss_fn, batch: int, n_tokens: int, vocab: 
     if device == "cuda":
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    ms = _timer(quick)(step)
+    ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     return ms, mem, compile_s
 
@@ -107,7 +105,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         def loss_fn(t):
             return compiled(t, t)  # random tokens: the target does not change the cost
         params = sum(p.numel() for p in model.parameters()) - V * d - n * d
-        layers = ["dense"] * n_layer
+        flops = step_flops(params, ["dense"] * n_layer, d, H, row_len)
     else:
         layout = LAYOUTS[kind]
         cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
@@ -115,12 +113,11 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         model = ImageTransformer(cfg).to(device)
         loss_fn = torch.compile(model.loss, mode=compile_mode) if device == "cuda" else model.loss
         params = model.num_params()
-        specs = parse_layout(layout)
-        layers = [specs[i % len(specs)].groups[0][0] for i in range(n_layer)]
+        flops = model_step_flops(model)
     ms, mem, compile_s = _measure(model, loss_fn, batch, n, V, device, quick)
     tokens_per_sec = batch * n / (ms / 1e3)
     peak = peak_flops()
-    mfu = tokens_per_sec * step_flops(params, layers, d, H, row_len) / peak if peak else None
+    mfu = tokens_per_sec * flops / peak if peak else None
     del model, loss_fn
     if device == "cuda":
         torch.cuda.empty_cache()
