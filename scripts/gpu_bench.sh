@@ -8,9 +8,10 @@
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model)
 # (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
 # ddp:       model=sparse on 1 GPU, then DDP on 2 GPUs (DDP_STEPS steps each), compared (2-GPU machine)
-# emoji:     one job of experiment=emoji (EMOJI_MODEL=dense|sparse, EMOJI_DIR=the 64x64 PNGs,
-#            EMOJI_TIME=trainer.max_time), then 16 samples from its last checkpoint; the run's records
-#            (metrics.csv, run.json, samples, patterns) are copied to $OUT/emoji_<model>
+# emoji:     experiment=emoji for each of EMOJI_MODELS (default "dense sparse"; EMOJI_DIR=the 64x64 PNGs,
+#            EMOJI_TIME=trainer.max_time), at the same time on one GPU each when the machine has enough
+#            (else one after the other), then 16 samples from each last checkpoint; each run's records
+#            (metrics.csv, run.json, final_samples.png) go to $OUT/emoji_<model>, compare.py's to $OUT/emoji.*
 # ANCHORS defaults to ../shared/anchors (copy them into the repo as .anchors/ for the device tool).
 # The device machine has no network: for the emoji stage copy the PNGs into the repo first, e.g.
 #   cp -r ~/data/node_modules/emoji-datasource-twitter/img/twitter/64 .data/emoji64   (git-ignored, 18 MB)
@@ -21,6 +22,17 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/card.txt"
+# One emoji job: train for EMOJI_TIME, sample 16 images from its last checkpoint, copy its records to $OUT.
+emoji_job() {
+  local model=$1 run=/tmp/emoji_$1
+  python scripts/train.py experiment=emoji model="$model" data.path="$EMOJI_DIR" \
+    trainer.max_time="${EMOJI_TIME:-00:00:08:30}" hydra.run.dir="$run" ${EMOJI_ARGS:-} > "$OUT/emoji_$model.log" 2>&1
+  echo "emoji $model (GPU $CUDA_VISIBLE_DEVICES): exit $?"
+  python scripts/sample.py ckpt_path="$run/checkpoints/last.ckpt" num_samples=16 out="$run/final_samples.png" \
+    > "$OUT/emoji_${model}_sample.log" 2>&1; echo "emoji $model sample: exit $?"
+  mkdir -p "$OUT/emoji_$model"
+  for f in metrics.csv run.json final_samples.png; do [ -e "$run/$f" ] && cp "$run/$f" "$OUT/emoji_$model/"; done
+}
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
@@ -42,17 +54,19 @@ for stage in "$@"; do
            mkdir -p "$OUT/ddp_$n"; cp /tmp/ddp_$n/metrics.csv /tmp/ddp_$n/run.json "$OUT/ddp_$n/"
          done
          python scripts/compare.py /tmp/ddp_1 /tmp/ddp_2 --out "$OUT/ddp.png" | tee "$OUT/ddp.md" ;;
-    emoji) export WANDB_MODE=offline; model=${EMOJI_MODEL:-sparse}; run=/tmp/emoji_$model
-           python scripts/train.py experiment=emoji model=$model data.path="$EMOJI_DIR" \
-             trainer.max_time=${EMOJI_TIME:-00:00:08:30} hydra.run.dir=$run ${EMOJI_ARGS:-} > "$OUT/emoji_$model.log" 2>&1
-           echo "emoji $model: exit $?"
-           python scripts/sample.py ckpt_path=$run/checkpoints/last.ckpt num_samples=16 out=$run/final_samples.png \
-             > "$OUT/emoji_${model}_sample.log" 2>&1; echo "sample: exit $?"
-           mkdir -p "$OUT/emoji_$model"
-           for f in metrics.csv run.json samples patterns final_samples.png; do
-             [ -e "$run/$f" ] && cp -r "$run/$f" "$OUT/emoji_$model/"; done
-           python scripts/compare.py $run --out "$OUT/emoji_$model/curve.png" ;;
+    emoji) export WANDB_MODE=offline; models=${EMOJI_MODELS:-dense sparse}; gpus=$(nvidia-smi -L | wc -l); i=0
+           for model in $models; do   # one GPU a model when there are enough, so both see the same budget at once
+             if [ "$gpus" -ge "$(echo $models | wc -w)" ]; then dev=$i; else dev=${CUDA_VISIBLE_DEVICES:-0}; fi
+             CUDA_VISIBLE_DEVICES=$dev emoji_job "$model" &
+             [ "$gpus" -ge "$(echo $models | wc -w)" ] || wait; i=$((i + 1))
+           done; wait
+           python scripts/compare.py $(for m in $models; do echo /tmp/emoji_$m; done) --out "$OUT/emoji.png" \
+             | tee "$OUT/emoji.md" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "stage $stage took $(( $(date +%s) - start )) s"
 done
+# The device tool brings back at most 8 files: PACK=1 packs everything under $OUT into $OUT/results.tgz.
+if [ "${PACK:-0}" = 1 ]; then
+  (cd "$OUT" && tar czf /tmp/results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
+fi
