@@ -272,8 +272,9 @@ def check_layout(specs: list[LayerSpec], backend: str) -> None:
 def attend(q, k, v, spec: LayerSpec, grid: Grid, params: PatternParams, backend: str = "auto"):
     """One layer's attention: (B, N, h, D) x 3 -> (B, N, h, D), head groups run by their backends."""
     outs = []
-    for names, h0, h1 in spec.head_groups(q.shape[2]):
-        qs, ks, vs = (t[:, :, h0:h1] for t in (q, k, v))
+    groups = spec.head_groups(q.shape[2])
+    for names, h0, h1 in groups:
+        qs, ks, vs = (q, k, v) if len(groups) == 1 else (t[:, :, h0:h1] for t in (q, k, v))
         kernel = _kernel(names, backend, q, grid)
         if kernel in (banded_local_attention, flash_local_attention, triton_local_attention):
             outs.append(kernel(qs, ks, vs, grid, rows=params.rows))
