@@ -171,6 +171,83 @@ def format_train(result: dict) -> str:
     return "\n".join(out)
 
 
+KERNEL_GROUPS = (  # (group, substrings of kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90", "sm80", "matmul", "aten::mm", "addmm", "bmm")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("compiled (Triton) fusions", ("triton",)),
+)
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False, steps: int = 5) -> dict:
+    """Where one training step's GPU time goes: torch.profiler over `steps` compiled steps of our model,
+    kernels summed by group (attention, matmul, Triton fusions, optimizer, other) and the top kernels.
+    On a CPU (quick) it profiles the eager step's operators instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    label, V, H, W, C, n_layer, d, heads, batch = (QUICK_SIZES if quick else SIZES)[size_index]
+    cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
+                      layout=LAYOUTS[kind])
+    model = ImageTransformer(cfg).to(device)
+    loss_fn = torch.compile(model.loss) if device == "cuda" else model.loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    tokens = torch.randint(0, V, (batch, H * W * C), device=device)
+
+    def step():
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_fn(tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # compile and warm up outside the trace
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    kernels = []
+    for evt in prof.key_averages():
+        if device == "cuda":  # GPU kernels only (operators would count their kernels twice)
+            if evt.device_type.name != "CUDA":
+                continue
+            t = getattr(evt, "self_device_time_total", None)
+            t = getattr(evt, "self_cuda_time_total", 0) if t is None else t
+        else:
+            t = evt.self_cpu_time_total
+        if t > 0:
+            kernels.append({"name": evt.key, "group": kernel_group(evt.key), "ms_per_step": t / 1e3 / steps,
+                            "calls_per_step": evt.count / steps})
+    kernels.sort(key=lambda k: -k["ms_per_step"])
+    groups: dict[str, float] = {}
+    for k in kernels:
+        groups[k["group"]] = groups.get(k["group"], 0.0) + k["ms_per_step"]
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "size": label, "model": kind, "N": H * W * C, "batch": batch, "groups": groups, "kernels": kernels}
+
+
+def format_profile(result: dict, top: int = 15) -> str:
+    total = sum(result["groups"].values())
+    out = [(f"Where a training step's time goes: ours, {result['model']}, {result['size']}, {result['N']} x "
+            f"{result['batch']} ({result['device']}, torch {result['torch']}; kernel self time per step)"),
+           "| group | ms/step | share |", "|---|---|---|"]
+    for group, ms in sorted(result["groups"].items(), key=lambda kv: -kv[1]):
+        out.append(f"| {group} | {ms:.2f} | {100 * ms / total:.0f}% |")
+    out += [f"| total | {total:.2f} | |", "", f"Top {top} kernels", "| kernel | group | ms/step | calls/step |",
+            "|---|---|---|---|"]
+    for k in result["kernels"][:top]:
+        out.append(f"| `{k['name'][:90]}` | {k['group']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |")
+    return "\n".join(out)
+
+
 LARGEST = ("48L d512 16 heads, 64x64x3 subpixel (ImageNet 64x64, Sparse Transformer)", 256, 64, 64, 3, 48, 512, 16)
 
 

@@ -5,6 +5,7 @@
     python scripts/benchmark.py train --anchor ../shared/anchors/model_bench.py [--sizes 0 1 2] [--out train.json]
                                                                      # training step: ours vs the anchor GPT
     python scripts/benchmark.py largest [--out largest.json]        # largest ImageNet-64 batch that trains (GPU)
+    python scripts/benchmark.py profile [--model sparse] [--sizes 0]  # where one training step's GPU time goes
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
 
@@ -15,11 +16,12 @@ from imagegen import benchmark, train_benchmark
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["attention", "sample", "train", "largest"])
+    parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
-    parser.add_argument("--sizes", type=int, nargs="+", help="train: which of the sizes to run (0, 1, 2)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="train: which of the sizes to run (0, 1, 2); profile: the first")
+    parser.add_argument("--model", default="sparse", choices=["dense", "sparse"], help="profile: which model")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         help="train: torch.compile modes to time our models with (e.g. default max-autotune-no-cudagraphs)")
     args = parser.parse_args()
@@ -29,6 +31,9 @@ def main():
     elif args.what == "sample":
         result = benchmark.bench_sampling(quick=args.quick)
         print(benchmark.format_sampling(result))
+    elif args.what == "profile":
+        result = train_benchmark.profile_step(args.model, (args.sizes or [0])[0], quick=args.quick)
+        print(train_benchmark.format_profile(result))
     elif args.what == "largest":
         result = train_benchmark.bench_largest()
         print(train_benchmark.format_largest(result))
