@@ -153,7 +153,7 @@ class PatternPictures(L.Callback):
         }
         for name, image in pictures.items():
             image.save(os.path.join(self.dirpath, f"{name}.png"))
-        log_images(trainer, "patterns", list(pictures.values()), caption=list(pictures))
+            log_images(trainer, f"patterns/{name}", [image])  # one key each: wandb wants one size per key
 
 
 class SampleGrid(L.Callback):

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from imagegen.distributed import check_launch
 from imagegen.lit import ImageGPT
-from imagegen.loggers import finish_wandb
+from imagegen.loggers import RunCSVLogger, finish_wandb
 from imagegen.model import ModelConfig
 from imagegen.tokenizers import build_tokenizer
 
@@ -58,9 +58,16 @@ def resolve_auto(value, when_auto: bool) -> bool:
     return value
 
 
-def checkpoint_mismatch(ckpt_path: str, model: dict, tokenizer: dict) -> list[str]:
+def load_checkpoint_info(ckpt_path: str) -> dict:
+    """A Lightning checkpoint's dictionary, its tensors memory-mapped rather than read."""
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # an old (non-zip) file cannot be memory-mapped
+        return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_mismatch(ckpt: dict, model: dict, tokenizer: dict, ckpt_path: str = "the checkpoint") -> list[str]:
     """What differs between a checkpoint and the run that wants to resume it (empty when compatible)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     hp = ckpt.get("hyper_parameters", {})
     if "model" not in hp or "tokenizer" not in hp:
         return [f"{ckpt_path} is not an imagegen checkpoint (no model/tokenizer hyperparameters)"]
@@ -120,17 +127,17 @@ def build_logger(cfg: DictConfig):
     return build(cfg.logger)
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    """The chosen logger, plus a CSVLogger writing `<run dir>/metrics.csv`: the local record that
-    scripts/compare.py reads whatever logger was chosen. logger=none: no loggers at all."""
-    from lightning.pytorch.loggers import CSVLogger
-
+def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list:
+    """The chosen logger, plus a RunCSVLogger writing `<run dir>/metrics.csv`: the local record that
+    scripts/compare.py reads whatever logger was chosen, continued from `resume_step` when a resumed run
+    writes into the same run dir. logger=none: no loggers at all."""
     logger = build_logger(cfg)
     if not logger:
         return []
-    if isinstance(logger, CSVLogger):
+    if isinstance(logger, RunCSVLogger):
+        logger.resume_step = resume_step
         return [logger]
-    return [logger, CSVLogger(save_dir=cfg.paths.run_dir, name="", version="")]
+    return [logger, RunCSVLogger(save_dir=cfg.paths.run_dir, resume_step=resume_step)]
 
 
 def write_run_info(cfg: DictConfig, module: ImageGPT, trainer) -> dict:
@@ -163,11 +170,14 @@ def train(cfg: DictConfig) -> dict:
     tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
     tokenizer = build_tokenizer(tokenizer_cfg)
     mcfg = model_config(cfg, tokenizer)
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path, resume_step = cfg.get("ckpt_path"), None
     if ckpt_path:
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"ckpt_path {ckpt_path!r} does not exist")
-        diffs = checkpoint_mismatch(ckpt_path, mcfg.to_dict(), tokenizer.config())
+        ckpt = load_checkpoint_info(ckpt_path)
+        resume_step = ckpt.get("global_step")
+        diffs = checkpoint_mismatch(ckpt, mcfg.to_dict(), tokenizer.config(), ckpt_path)
+        del ckpt
         if diffs:
             raise ValueError(f"cannot resume from {ckpt_path}: it was trained with another configuration:\n  "
                              + "\n  ".join(diffs))
@@ -186,7 +196,7 @@ def train(cfg: DictConfig) -> dict:
                    f"grid {mcfg.grid} = {mcfg.grid.num_tokens} tokens, "
                    f"{module.model.num_params() / 1e6:.2f}M non-embedding parameters")
     # 3. train
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resume_step)
     trainer = build(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg),
                     default_root_dir=cfg.paths.run_dir)
     for logger in loggers:

@@ -53,6 +53,30 @@ def test_resume_continues_global_step_optimizer_and_schedule(tiny_cfg, tmp_path)
     assert monitor(second)["wall_clock_s"] > monitor(first)["wall_clock_s"] > 0
 
 
+def test_resume_into_the_same_run_dir_continues_its_metrics(tiny_cfg, tmp_path):
+    """Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps the history up to the
+    checkpoint (rows a crashed run logged after it are dropped and logged again), and a new run in an old
+    run dir moves the old record aside."""
+    import csv
+
+    run = tmp_path / "run"
+    train(tiny_cfg("trainer.max_steps=4", run_dir=run))
+    metrics = run / "metrics.csv"
+    before = list(csv.DictReader(metrics.open()))
+    with metrics.open("a") as f:  # what a crash after the checkpoint leaves behind
+        f.write(",".join("99" if k == "step" else "" for k in before[0]) + "\n")
+    train(tiny_cfg("trainer.max_steps=8", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", run_dir=run))
+    after = list(csv.DictReader(metrics.open()))
+    steps = [float(r["step"]) for r in after if r["train/loss"]]
+    assert after[: len(before)] == before  # the first segment is kept as it was
+    assert 99 not in [float(r["step"]) for r in after]
+    assert min(steps) < 4 <= max(steps) and len(steps) == len(set(steps))  # both segments, once each
+    train(tiny_cfg("trainer.max_steps=2", run_dir=run))  # a new run in the same dir
+    moved = list(run.glob("metrics.*.csv"))
+    assert len(moved) == 1 and list(csv.DictReader(moved[0].open())) == after
+    assert max(float(r["step"]) for r in csv.DictReader(metrics.open())) < 2
+
+
 def test_subpixel_run_reports_bits_per_dim(tiny_cfg):
     metrics = train(tiny_cfg("tokenizer=subpixel", "data.image_size=4", "model.layout=[column,local,local,local]"))
     assert "val/bits_per_dim" in metrics and "val/bits_per_token" not in metrics
