@@ -59,13 +59,18 @@ def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq: to
 def _flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, cu_seq: torch.Tensor, seq_len: int,
                     window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
-    unused = torch.empty(0, device=q.device)
+    rng_state, unused = _no_dropout_state(q.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, cu_seq, cu_seq, seq_len, seq_len, 0.0, True, rng_state, unused,
         window_size_left=window - 1, window_size_right=0,
     )
     return dq, dk, dv
+
+
+@lru_cache(maxsize=8)
+def _no_dropout_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's philox state and its unused tensor: never read without dropout, so made once."""
+    return torch.zeros(2, dtype=torch.uint64, device=device), torch.empty(0, device=device)
 
 
 # Under torch.compile the kernels are custom ops (a fake implementation gives shapes to the tracer)...

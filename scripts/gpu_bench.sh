@@ -5,6 +5,7 @@
 # sample:    the anchor samplers (ANCHORS/sample_bench.py), then scripts/benchmark.py sample
 # train:     scripts/benchmark.py train with the anchor GPT (ANCHORS/model_bench.py) in the same process
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
+# profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model)
 # (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
 # ddp:       model=sparse on 1 GPU, then DDP on 2 GPUs (DDP_STEPS steps each), compared (2-GPU machine)
@@ -44,6 +45,9 @@ for stage in "$@"; do
     train) python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" --sizes ${TRAIN_SIZES:-0 1 2} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
+    profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
+               python scripts/benchmark.py profile --model sparse --sizes "$size" --out "$OUT/profile_$size.json" \
+                 2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \
              > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"
            grep -E "bf16|passed|failed|Error|assert" "$OUT/gpu_tests.log" | tail -n 60 ;;
