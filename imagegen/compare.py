@@ -4,8 +4,9 @@
     python scripts/compare.py RUN_DIR [RUN_DIR ...] [--out compare.png]
     python scripts/compare.py multirun/2026-11-28/10-00-00      # a sweep dir: each of its jobs
 
-Prints a table (params, steps, tokens, wall-clock, tokens/s, best validation metric) and writes a PNG:
-the validation metric against tokens seen and against wall-clock time, one line per run.
+Prints a table (params, steps, tokens, wall-clock, tokens/s, best validation metric), the runs read at
+the same step and at the same second (which is ahead per step, which per second), and writes a PNG: the
+validation metric against tokens seen and against wall-clock time, one line per run.
 """
 
 from __future__ import annotations
@@ -103,6 +104,35 @@ def format_table(summaries: list[dict]) -> str:
         out.append(f"| {s['label']} | {params} | {s['steps']} | {s['tokens_seen']:,.0f} | "
                    f"{s['wall_clock_s']:.0f} s | {s['tokens_per_sec']:,.0f} | {s['peak_mem_gb']:.2f} | "
                    f"{s['metric']} | {s['best_val']:.4f} | {s['last_val']:.4f} |")
+    return "\n".join(out)
+
+
+def _at(curve: list[dict], x: str, where: float) -> float:
+    """The validation metric interpolated at `where` on axis `x` (step or seconds); nan outside the run."""
+    pts = [(p[x], p["value"]) for p in curve]
+    if not pts or not pts[0][0] <= where <= pts[-1][0]:
+        return float("nan")
+    return _interp(where, [p[0] for p in pts], [p[1] for p in pts])
+
+
+def head_to_head(summaries: list[dict]) -> str:
+    """The runs read at the same step and at the same wall-clock second (the shortest run's last
+    validation on each axis), and which is lowest on each: per step and per second."""
+    runs = [s for s in summaries if s["curve"]]
+    if len(runs) < 2:
+        return ""
+    step = min(s["curve"][-1]["step"] for s in runs)
+    seconds = min(s["curve"][-1]["seconds"] for s in runs)
+    at_step = {s["label"]: _at(s["curve"], "step", step) for s in runs}
+    at_time = {s["label"]: _at(s["curve"], "seconds", seconds) for s in runs}
+    out = [f"| run | {runs[0]['metric']} at step {step:.0f} | at {seconds:.0f} s |", "|---|---|---|"]
+    out += [f"| {label} | {at_step[label]:.4f} | {at_time[label]:.4f} |" for label in at_step]
+    for axis, values in (("per step", at_step), ("per second", at_time)):
+        known = {k: v for k, v in values.items() if v == v}  # nan: the run has no validation that early
+        if len(known) >= 2:
+            best = min(known, key=known.get)
+            out.append(f"- {axis}: {best} is lowest ({', '.join(f'{k} {v:.4f}' for k, v in known.items())})")
+    out.append("(each run's validation curve, interpolated linearly between its validations)")
     return "\n".join(out)
 
 

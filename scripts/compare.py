@@ -3,12 +3,13 @@
     python scripts/compare.py RUN_DIR [RUN_DIR ...] [--out compare.png]
     python scripts/compare.py multirun/DATE/TIME --out dense_vs_sparse.png    # every job of a sweep
 
-Prints a markdown table and writes a PNG of the validation metric against tokens and wall-clock.
+Prints a markdown table, the runs read at the same step and at the same second, and writes a PNG of
+the validation metric against tokens and wall-clock.
 """
 
 import argparse
 
-from imagegen.compare import format_table, plot, run_dirs, summarize
+from imagegen.compare import format_table, head_to_head, plot, run_dirs, summarize
 
 
 def main():
@@ -21,6 +22,9 @@ def main():
     except FileNotFoundError as e:
         parser.exit(2, f"compare.py: {e}\n")
     print(format_table(summaries))
+    same_budget = head_to_head(summaries)
+    if same_budget:
+        print("\n" + same_budget)
     print(f"wrote {plot(summaries, args.out)}")
 
 

@@ -1,0 +1,30 @@
+"""scripts/compare.py's reading of runs: the same step and the same second, from local records only."""
+
+import csv
+import json
+
+from imagegen.compare import head_to_head, summarize
+
+
+def write_run(path, label, seconds_per_step, values):
+    """A run dir whose validations at steps 100, 200, ... gave `values`, at `seconds_per_step`."""
+    path.mkdir()
+    (path / "run.json").write_text(json.dumps({"model": label, "metric": "val/bits_per_dim", "params": 1000}))
+    keys = ["step", "perf/tokens_seen", "perf/wall_clock_s", "val/bits_per_dim"]
+    with open(path / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for i, value in enumerate(values, start=1):
+            step = 100 * i
+            writer.writerow({"step": step, "perf/tokens_seen": 64 * step,
+                             "perf/wall_clock_s": seconds_per_step * step, "val/bits_per_dim": value})
+
+
+def test_head_to_head_tells_per_step_from_per_second(tmp_path):
+    # "slow" learns more per step but takes 3x as long a step: ahead per step, behind per second
+    write_run(tmp_path / "slow", "slow", 3.0, [2.0, 1.5, 1.2])
+    write_run(tmp_path / "fast", "fast", 1.0, [2.2, 1.8, 1.6, 1.4, 1.3, 1.1, 1.0, 0.9, 0.8])
+    table = head_to_head([summarize(str(tmp_path / name)) for name in ("slow", "fast")])
+    assert "at step 300" in table and "at 900 s" in table  # the shorter run's last validation on each axis
+    assert "| fast | 1.6000 | 0.8000 |" in table and "| slow | 1.2000 | 1.2000 |" in table
+    assert "per step: slow is lowest" in table and "per second: fast is lowest" in table
