@@ -162,8 +162,10 @@ def test_command_line_sweep_runs_each_job_cleanly_and_compares(tmp_path):
     cmp = subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), str(tmp_path / "sweep"), "--out",
                           str(png)], capture_output=True, text=True, timeout=120, check=False)
     assert cmp.returncode == 0, cmp.stderr[-2000:]
-    table = [line for line in cmp.stdout.splitlines() if line.startswith(("| dense", "| sparse"))]
+    summary, same_budget = cmp.stdout.split("\n\n", 1)  # the runs' table, then both read at one step/second
+    table = [line for line in summary.splitlines() if line.startswith(("| dense", "| sparse"))]
     assert len(table) == 2 and all("val/bits_per_token" in line for line in table)
+    assert "per step:" in same_budget and "per second:" in same_budget
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
