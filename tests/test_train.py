@@ -208,6 +208,13 @@ def test_two_process_ddp_on_cpu_writes_one_run(tmp_path):
     assert "batch: 4 images per device x 2 device(s)" in done.stdout + done.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fsdp_without_gpus_is_refused_before_any_work(tiny_cfg, tmp_path):
+    with pytest.raises(ValueError, match="trainer=fsdp needs GPUs"):
+        train(tiny_cfg("trainer=fsdp", "trainer.accelerator=cpu"))
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_external_launcher_needs_an_explicit_run_dir(tiny_cfg, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
 
