@@ -33,9 +33,10 @@ def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
 
 def sample(cfg: DictConfig) -> str:
     """Sample a grid (and one PNG per image in a folder beside it); with prompt=DIR complete images."""
-    if cfg.get("dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
-    dtype = "auto" if cfg.get("dtype", "auto") == "auto" else getattr(torch, cfg.dtype)
+    dtype = cfg.get("dtype", "auto")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     pipe = imagegen.load(cfg.ckpt_path, device=pick_device(cfg.device))
     H = pipe.grid.height
     prompt = None

@@ -89,7 +89,6 @@ if triton is not None:
         v = _load(V, i0, i1, i2, s, d, inside, sv0, sv1, sv2, sv3)
         o = _load(O, i0, i1, i2, s, d, inside, so0, so1, so2, so3)
         do = _load(DO, i0, i1, i2, s, d, inside, sd0, sd1, sd2, sd3)
-        rows = s[:, None] * 1
         lse = tl.load(LSE + pid * BLOCK_S + s)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (S,)
         scores = tl.dot(q, tl.trans(k)) * scale
@@ -100,7 +99,7 @@ if triton is not None:
         ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
         dq = tl.dot(ds, k)
         dk = tl.dot(tl.trans(ds), q)
-        out = i0 * sg0 + i1 * sg2 + i2 * sg3 + rows * sg1 + d[None, :]  # dq, dk, dv: contiguous, same strides
+        out = i0 * sg0 + i1 * sg2 + i2 * sg3 + s[:, None] * sg1 + d[None, :]  # dq, dk, dv: contiguous, same strides
         tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=inside[:, None])
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=inside[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=inside[:, None])

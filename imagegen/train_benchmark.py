@@ -61,18 +61,32 @@ def model_step_flops(model: ImageTransformer) -> float:
     return step_flops(model.num_params(), layers, cfg.n_embd, cfg.height, cfg.grid.row_len)
 
 
-def _measure(model: torch.nn.Module, loss_fn, batch: int, n_tokens: int, vocab: int, device: str, quick: bool):
+def our_model(kind: str, size: tuple, device: str, compile_mode: str = "default"):
+    """Our model (`kind` = dense or sparse) at one of SIZES, and its loss as training runs it: compiled
+    on a GPU, eager on a CPU."""
+    _, V, H, W, C, n_layer, d, heads, _ = size
+    cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
+                      layout=LAYOUTS[kind])
+    model = ImageTransformer(cfg).to(device)
+    return model, torch.compile(model.loss, mode=compile_mode) if device == "cuda" else model.loss
+
+
+def training_step(model: torch.nn.Module, loss_fn, batch: int, n_tokens: int, vocab: int, device: str):
+    """One step on random tokens: forward and loss under bf16 autocast (GPU), backward, fused AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     tokens = torch.randint(0, vocab, (batch, n_tokens), device=device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     def step():
-        with torch.autocast(device, dtype, enabled=device == "cuda"):
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
             loss = loss_fn(tokens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _measure(step, device: str, quick: bool):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -107,14 +121,10 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         params = sum(p.numel() for p in model.parameters()) - V * d - n * d
         flops = step_flops(params, ["dense"] * n_layer, d, H, row_len)
     else:
-        layout = LAYOUTS[kind]
-        cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
-                          layout=layout)
-        model = ImageTransformer(cfg).to(device)
-        loss_fn = torch.compile(model.loss, mode=compile_mode) if device == "cuda" else model.loss
+        model, loss_fn = our_model(kind, size, device, compile_mode)
         params = model.num_params()
         flops = model_step_flops(model)
-    ms, mem, compile_s = _measure(model, loss_fn, batch, n, V, device, quick)
+    ms, mem, compile_s = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
     tokens_per_sec = batch * n / (ms / 1e3)
     peak = peak_flops()
     mfu = tokens_per_sec * flops / peak if peak else None
@@ -191,21 +201,10 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     from torch.profiler import ProfilerActivity, profile
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    label, V, H, W, C, n_layer, d, heads, batch = (QUICK_SIZES if quick else SIZES)[size_index]
-    cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
-                      layout=LAYOUTS[kind])
-    model = ImageTransformer(cfg).to(device)
-    loss_fn = torch.compile(model.loss) if device == "cuda" else model.loss
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    tokens = torch.randint(0, V, (batch, H * W * C), device=device)
-
-    def step():
-        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-            loss = loss_fn(tokens)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    size = (QUICK_SIZES if quick else SIZES)[size_index]
+    label, V, H, W, C, _, _, _, batch = size
+    model, loss_fn = our_model(kind, size, device)
+    step = training_step(model, loss_fn, batch, H * W * C, V, device)
     for _ in range(3):  # compile and warm up outside the trace
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
