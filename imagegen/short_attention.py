@@ -109,8 +109,14 @@ def _block(seq_len: int) -> int:
     return max(16, triton.next_power_of_2(seq_len))
 
 
-def _warps(seq_len: int) -> int:
-    return 4 if seq_len <= 64 else 8
+# Warps per program for the forward and the backward kernel; None = 4 up to 64 tokens, else 8.
+# `scripts/benchmark.py tune` times the alternatives on the GPU.
+LAUNCH = {"fwd_warps": None, "bwd_warps": None}
+
+
+def _warps(seq_len: int, kernel: str = "fwd") -> int:
+    chosen = LAUNCH[f"{kernel}_warps"]
+    return chosen if chosen is not None else (4 if seq_len <= 64 else 8)
 
 
 @torch.library.custom_op("imagegen::short_attention_fwd", mutates_args=())
@@ -142,7 +148,7 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     _bwd_kernel[(n0 * n1 * n2,)](
         q, k, v, o, grad_out, lse, dq, dk, dv, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
         *o.stride()[:4], *grad_out.stride()[:4], *dq.stride()[:4], 1.0 / math.sqrt(D),
-        BLOCK_S=_block(S), D=D, num_warps=_warps(S))
+        BLOCK_S=_block(S), D=D, num_warps=_warps(S, "bwd"))
     return dq, dk, dv
 
 

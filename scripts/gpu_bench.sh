@@ -5,6 +5,8 @@
 # sample:    the anchor samplers (ANCHORS/sample_bench.py), then scripts/benchmark.py sample
 # train:     scripts/benchmark.py train with the anchor GPT (ANCHORS/model_bench.py) in the same process
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
+#            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_TIMEOUT seconds)
+# tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model)
 # (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
@@ -42,9 +44,11 @@ for stage in "$@"; do
     attention) python scripts/benchmark.py attention --out "$OUT/attention.json" | tee "$OUT/attention.md" ;;
     sample) python "$ANCHORS/sample_bench.py" 2>&1 | tee "$OUT/anchor_sample.txt"
             python scripts/benchmark.py sample --out "$OUT/sampling.json" | tee "$OUT/sampling.md" ;;
-    train) python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" --sizes ${TRAIN_SIZES:-0 1 2} \
+    train) timeout "${TRAIN_TIMEOUT:-3600}" python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" \
+             --sizes ${TRAIN_SIZES:-0 1 2} --compile-modes ${TRAIN_MODES:-default} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
+    tune) python scripts/benchmark.py tune --out "$OUT/tuning.json" | tee "$OUT/tuning.md" ;;
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
                python scripts/benchmark.py profile --model sparse --sizes "$size" --out "$OUT/profile_$size.json" \
                  2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;

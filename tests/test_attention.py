@@ -108,6 +108,7 @@ import torch
 from imagegen.attention import Grid
 from imagegen.patterns import LayerSpec, PatternParams
 from imagegen.attention import attend
+from imagegen import band_attention as band
 from imagegen.band_attention import band_attention
 from imagegen.short_attention import short_causal_attention
 
@@ -129,7 +130,10 @@ for grid in (Grid(5, 7, 1), Grid(4, 3, 3), Grid(17, 2, 3), Grid(4, 25, 1)):
             yr.backward(base[3][:, :, h0:h1])
             for a, b in ((y, yr), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
                 worst = max(worst, ((a - b).norm() / b.norm()).item())
-    for rows in (1, 2):  # local: the band kernel on strided q, k, v views of one (B, N, 3, h, D) tensor
+    for rows, tiles in ((1, (64, 64)), (2, (64, 64)), (1, (128, 64)), (2, (64, 128))):
+        # local: the band kernel on strided q, k, v views of one (B, N, 3, h, D) tensor, with the tile
+        # shapes `scripts/benchmark.py tune` may choose
+        band.LAUNCH.update({kernel: (*tiles, 4, 2) for kernel in ("fwd", "dkdv", "dq")})
         qkv = torch.stack(base[:3], 2).requires_grad_(True)
         y = band_attention(*qkv.unbind(2), window=rows * L)
         y.backward(base[3])

@@ -1,0 +1,110 @@
+"""Launch settings of our Triton attention kernels, timed on the GPU (`scripts/benchmark.py tune`).
+
+For the band kernel of `local` (imagegen.band_attention) it searches each of its three kernels in turn
+(forward, dk/dv, dq) over tile shapes, warps and pipeline stages, keeping the best so far for the others
+(coordinate descent); for the short-sequence kernel of `column` (imagegen.short_attention) it tries the
+warps of its forward and backward kernel. Every time is one attention call, forward + backward, on the
+shapes of the attention table, next to what `auto` runs today on the same shapes. The settings found
+are printed, not applied: the defaults in those modules are edited by hand from a run's output.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from imagegen import band_attention, short_attention
+from imagegen.benchmark import ATTENTION_SHAPES, attention_call, time_ms
+from imagegen.attention import Grid
+
+BAND_CHOICES = [(bm, bn, warps, stages) for (bm, bn), warps, stages in
+                itertools.product([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))]
+FWD_WARPS = (1, 2, 4, 8)
+BWD_WARPS = (2, 4, 8)
+
+
+def _timed(spec: str, grid: Grid, batch: int, backend: str, quick: bool) -> float | str:
+    try:
+        return time_ms(attention_call(spec, grid, batch, backend=backend), quick, warmup_ms=25, rep_ms=150)
+    except Exception as e:  # a setting that does not fit (shared memory, registers) is a result
+        return f"failed: {type(e).__name__}: {str(e)[:160]}"
+
+
+def _best(times: dict) -> tuple:
+    ok = {k: v for k, v in times.items() if isinstance(v, float)}
+    return min(ok, key=ok.get)
+
+
+def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
+    saved = dict(band_attention.LAUNCH)
+    choices = BAND_CHOICES[:2] if quick else BAND_CHOICES
+    tried = {}
+    try:
+        for kernel in ("fwd", "dkdv", "dq"):
+            times = {}
+            for choice in choices:
+                band_attention.LAUNCH[kernel] = choice
+                times[choice] = _timed("local", grid, batch, "triton", quick)
+            band_attention.LAUNCH[kernel] = _best(times)
+            tried[kernel] = {str(k): v for k, v in times.items()}
+        best = dict(band_attention.LAUNCH)
+        return {"tried": tried, "best": best, "best_ms": _timed("local", grid, batch, "triton", quick)}
+    finally:
+        band_attention.LAUNCH.update(saved)
+
+
+def tune_short(grid: Grid, batch: int, quick: bool = False) -> dict:
+    saved = dict(short_attention.LAUNCH)
+    tried = {}
+    try:
+        for key, options in (("fwd_warps", FWD_WARPS), ("bwd_warps", BWD_WARPS)):
+            times = {}
+            for warps in options[:2] if quick else options:
+                short_attention.LAUNCH[key] = warps
+                times[warps] = _timed("column", grid, batch, "triton", quick)
+            short_attention.LAUNCH[key] = _best(times)
+            tried[key] = times
+        best = dict(short_attention.LAUNCH)
+        return {"tried": tried, "best": best, "best_ms": _timed("column", grid, batch, "triton", quick)}
+    finally:
+        short_attention.LAUNCH.update(saved)
+
+
+def tune(quick: bool = False) -> dict:
+    """The band and short-sequence kernels tuned on each attention-table shape, beside `auto`."""
+    rows = []
+    for label, grid, batch in ATTENTION_SHAPES:
+        row = {"shape": label, "N": grid.num_tokens, "batch": batch,
+               "auto_local": _timed("local", grid, batch, "auto", quick),
+               "auto_column": _timed("column", grid, batch, "auto", quick),
+               "triton_local_default": _timed("local", grid, batch, "triton", quick),
+               "triton_column_default": _timed("column", grid, batch, "triton", quick),
+               "band": tune_band(grid, batch, quick), "short": tune_short(grid, batch, quick)}
+        rows.append(row)
+        print({k: v for k, v in row.items() if k not in ("band", "short")}, flush=True)
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tuning": rows}
+
+
+def _ms(value) -> str:
+    return f"{value:.3f} ms" if isinstance(value, float) else str(value)[:80]
+
+
+def format_tuning(result: dict) -> str:
+    out = [f"Triton attention kernels: launch settings (one call fwd+bwd, bf16; {result['device']}, "
+           f"torch {result['torch']})",
+           "| shape | local: auto | band kernel, default | band kernel, tuned | column: auto | "
+           "short kernel, default | short kernel, tuned |", "|---|---|---|---|---|---|---|"]
+    for r in result["tuning"]:
+        out.append(f"| {r['shape']} N={r['N']} x {r['batch']} | {_ms(r['auto_local'])} | "
+                   f"{_ms(r['triton_local_default'])} | {_ms(r['band']['best_ms'])} | {_ms(r['auto_column'])} | "
+                   f"{_ms(r['triton_column_default'])} | {_ms(r['short']['best_ms'])} |")
+    for r in result["tuning"]:
+        out += ["", f"{r['shape']}: band kernel best {r['band']['best']}; short kernel best {r['short']['best']}"]
+        for kernel, times in r["band"]["tried"].items():
+            ranked = sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9)
+            out.append(f"- band {kernel} (BLOCK_M, BLOCK_N, warps, stages): "
+                       + ", ".join(f"{k} {_ms(v)}" for k, v in ranked[:6]))
+        for key, times in r["short"]["tried"].items():
+            out.append(f"- short {key}: " + ", ".join(f"{k} {_ms(v)}" for k, v in times.items()))
+    return "\n".join(out)
