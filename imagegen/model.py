@@ -77,19 +77,18 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
-        # row/column run on views of q, k, v that need each of them contiguous; other patterns take the
-        # strided slices of one (B, N, 3C) projection
-        self.contiguous_qkv = any(names in (("column",), ("row",)) for names in self.spec.groups)
+        # Sparse layers project q, k and v with three GEMMs (the three row blocks of qkv.weight), so each
+        # comes out contiguous: row/column views need that, and in the backward dq, dk, dv feed their GEMMs
+        # as they are, where one (B*N, 3C) projection would first copy them into one dqkv tensor. Dense
+        # layers keep the single (B*N, C) x (C, 3C) GEMM and its strided q, k, v slices (what the anchor does).
+        self.separate_qkv = any(names != ("dense",) for names in self.spec.groups)
 
     def forward(self, x):
         B, N, C = x.shape
         h = self.n_head
-        if self.contiguous_qkv:
-            # One batched matmul whose output is (3, B*N, C): q, k and v each come out contiguous, so the
-            # row/column views of imagegen.attention need no copy.
-            w = self.qkv.weight.view(3, C, C).transpose(1, 2)  # (3, C_in, C_out)
-            qkv = torch.matmul(x.reshape(1, B * N, C), w)  # (3, B*N, C)
-            q, k, v = (t.view(B, N, h, C // h) for t in qkv.unbind(0))  # each (B, N, h, D)
+        if self.separate_qkv:
+            w = self.qkv.weight  # (3C, C): the q, k and v rows
+            q, k, v = (F.linear(x, w[i * C:(i + 1) * C]).view(B, N, h, C // h) for i in range(3))  # each (B, N, h, D)
         else:  # one (B*N, C) x (C, 3C) GEMM; q, k, v are strided views of its output
             q, k, v = self.qkv(x).view(B, N, 3, h, C // h).unbind(2)  # each (B, N, h, D)
         y = attend(q, k, v, self.spec, self.grid, self.params, self.backend)  # (B, N, h, D)
