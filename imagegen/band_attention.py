@@ -1,8 +1,10 @@
 """Causal band attention (`local`) as Triton kernels: query q sees key k when 0 <= q - k < window.
 
 A FlashAttention-style forward over 64 x 64 tiles that visits only the key tiles inside the band, and a
-backward in two kernels without atomics: one program per key tile accumulates dk and dv over the query
-tiles that see it, one program per query tile accumulates dq over its key tiles. Inputs are the
+backward in two kernels without atomics: one program per query tile accumulates dq over its key tiles
+(and computes rowsum(o * do) for the other), then one program per key tile accumulates dk and dv over
+the query tiles that see it. Only the tiles at the window's two edges are masked: with a window of 192
+(a 64 x 64 x 3 row) half of the tiles a query visits lie wholly inside the band and skip the mask. Inputs are the
 (B, N, heads, D) projection (strided slices allowed, last dim contiguous); nothing is copied.
 
     y = band_attention(q, k, v, window=64)     # (B, N, h, D) -> (B, N, h, D) contiguous
@@ -34,6 +36,8 @@ def band_attention_runs(q: torch.Tensor) -> bool:
             and q.shape[-1] in (16, 32, 64, 128))
 
 
+LOG2E = 1.4426950408889634  # the kernels work in base 2: exp(x) = exp2(x * log2(e))
+
 if triton is not None:
 
     @triton.jit
@@ -48,20 +52,42 @@ if triton is not None:
         return (dist >= 0) & (dist < W) & (ks < N)[None, :] & (qs < N)[:, None]
 
     @triton.jit
-    def _row_stats(LSE, DELTA, bh, qs, N):
-        """Log-sum-exp (forward) and rowsum(o * do) of queries qs."""
-        lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
-        return lse, tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
+    def _key_tile_phases(m0, N, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The key tiles n0 (multiples of BLOCK_N) that queries m0 .. m0+BLOCK_M-1 visit, in three runs:
+        [lo, b) masked (the window's far edge), [b, c) wholly inside the band (no mask), [c, end) masked
+        (the diagonal). A tile needs no mask when every key is at most the first query (n0+BLOCK_N-1 <= m0)
+        and within the window of the last (m0+BLOCK_M-1 - n0 < W); such tiles hold no key past N."""
+        lo = tl.maximum(m0 - W + 1, 0) // BLOCK_N * BLOCK_N
+        inside_window = tl.cdiv(tl.maximum(m0 + BLOCK_M - W, 0), BLOCK_N) * BLOCK_N
+        diagonal = tl.cdiv(tl.maximum(m0 - BLOCK_N + 2, 0), BLOCK_N) * BLOCK_N
+        b = tl.maximum(tl.minimum(inside_window, diagonal), lo)
+        return lo, b, tl.maximum(diagonal, b), m0 + BLOCK_M
 
     @triton.jit
-    def _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, scale):
-        """The tile's attention probabilities p (recomputed) and score gradients ds = p * (dp - delta)."""
-        p = tl.where(_band(qs, ks, N, W), tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        return p, (p * (dp - delta[:, None]) * scale).to(q.dtype)
+    def _query_tile_phases(n0, N, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The query tiles m0 (multiples of BLOCK_M) that see keys n0 .. n0+BLOCK_N-1, in three runs
+        [start, b) masked, [b, c) wholly inside the band and before N, [c, end) masked."""
+        start = n0 // BLOCK_M * BLOCK_M
+        end = tl.minimum(n0 + BLOCK_N + W - 1, N)
+        causal = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # first tile whose queries all follow the keys
+        last = tl.minimum(n0 + W - BLOCK_M, N - BLOCK_M)  # last m0 whose queries all see key n0 and exist
+        inside_end = tl.where(last >= 0, last // BLOCK_M * BLOCK_M + BLOCK_M, 0)
+        b = tl.minimum(tl.maximum(causal, start), end)
+        return start, b, tl.maximum(tl.minimum(inside_end, end), b), end
 
     @triton.jit
-    def _fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, scale,
+    def _fwd_step(q, k, v, m_i, l_i, acc, qs, ks, N, W, qk_scale, MASKED: tl.constexpr):
+        """One key tile of the online softmax (base 2)."""
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            s = tl.where(_band(qs, ks, N, W), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
+    def _fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
         m0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
@@ -72,27 +98,42 @@ if triton is not None:
         m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        lo = tl.maximum(m0 - W + 1, 0) // BLOCK_N * BLOCK_N
-        for n0 in range(lo, m0 + BLOCK_M, BLOCK_N):
+        lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
+        for n0 in range(lo, inner, BLOCK_N):
             ks = n0 + tl.arange(0, BLOCK_N)
-            k = _tile(K, b, h, ks, d, N, skb, skn, skh)
-            v = _tile(V, b, h, ks, d, N, svb, svn, svh)
-            s = tl.where(_band(qs, ks, N, W), tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _fwd_step(q, _tile(K, b, h, ks, d, N, skb, skn, skh), _tile(V, b, h, ks, d, N, svb, svn, svh),
+                                      m_i, l_i, acc, qs, ks, N, W, qk_scale, True)
+        for n0 in range(inner, diagonal, BLOCK_N):
+            ks = n0 + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _fwd_step(q, _tile(K, b, h, ks, d, N, skb, skn, skh), _tile(V, b, h, ks, d, N, svb, svn, svh),
+                                      m_i, l_i, acc, qs, ks, N, W, qk_scale, False)
+        for n0 in range(diagonal, end, BLOCK_N):
+            ks = n0 + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _fwd_step(q, _tile(K, b, h, ks, d, N, skb, skn, skh), _tile(V, b, h, ks, d, N, svb, svn, svh),
+                                      m_i, l_i, acc, qs, ks, N, W, qk_scale, True)
         l_i = tl.where(qs < N, l_i, 1.0)  # rows past the end saw no key; they are not stored
         o = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + qs[:, None] * son + d[None, :], o.to(O.dtype.element_ty),
                  mask=(qs < N)[:, None])
-        tl.store(LSE + bh * N + qs, m_i + tl.log(l_i), mask=qs < N)
+        tl.store(LSE + bh * N + qs, m_i + tl.math.log2(l_i), mask=qs < N)  # base-2 log-sum-exp
+
+    @triton.jit
+    def _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, MASKED: tl.constexpr):
+        """The tile's attention probabilities p (recomputed) and score gradients ds = p * (dp - delta)."""
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(_band(qs, ks, N, W), p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        return p, (p * (dp - delta[:, None]) * scale).to(q.dtype)
+
+    @triton.jit
+    def _dkdv_step(q, do, lse, delta, k, v, dk, dv, qs, ks, N, W, qk_scale, scale, MASKED: tl.constexpr):
+        p, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, MASKED)
+        return dk + tl.dot(tl.trans(ds), q), dv + tl.dot(tl.trans(p.to(do.dtype)), do)
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                  sdb, sdn, sdh, sgb, sgn, sgh, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   D: tl.constexpr):
         n0 = tl.program_id(0) * BLOCK_N
         bh = tl.program_id(1)
@@ -103,23 +144,39 @@ if triton is not None:
         v = _tile(V, b, h, ks, d, N, svb, svn, svh)
         dk = tl.zeros((BLOCK_N, D), tl.float32)
         dv = tl.zeros((BLOCK_N, D), tl.float32)
-        hi = tl.minimum(n0 + BLOCK_N + W - 1, N)
-        for m0 in range(n0 // BLOCK_M * BLOCK_M, hi, BLOCK_M):
+        start, inner, outer, end = _query_tile_phases(n0, N, W, BLOCK_M, BLOCK_N)
+        for m0 in range(start, inner, BLOCK_M):
             qs = m0 + tl.arange(0, BLOCK_M)
-            q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
-            do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
-            lse, delta = _row_stats(LSE, DELTA, bh, qs, N)
-            p, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, scale)  # (M, N) each
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds), q)
+            dk, dv = _dkdv_step(_tile(Q, b, h, qs, d, N, sqb, sqn, sqh), _tile(DO, b, h, qs, d, N, sdb, sdn, sdh),
+                                tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0),
+                                tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0),
+                                k, v, dk, dv, qs, ks, N, W, qk_scale, scale, True)
+        for m0 in range(inner, outer, BLOCK_M):
+            qs = m0 + tl.arange(0, BLOCK_M)
+            dk, dv = _dkdv_step(_tile(Q, b, h, qs, d, N, sqb, sqn, sqh), _tile(DO, b, h, qs, d, N, sdb, sdn, sdh),
+                                tl.load(LSE + bh * N + qs), tl.load(DELTA + bh * N + qs),
+                                k, v, dk, dv, qs, ks, N, W, qk_scale, scale, False)
+        for m0 in range(outer, end, BLOCK_M):
+            qs = m0 + tl.arange(0, BLOCK_M)
+            dk, dv = _dkdv_step(_tile(Q, b, h, qs, d, N, sqb, sqn, sqh), _tile(DO, b, h, qs, d, N, sdb, sdn, sdh),
+                                tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0),
+                                tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0),
+                                k, v, dk, dv, qs, ks, N, W, qk_scale, scale, True)
         out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(ks < N)[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
 
     @triton.jit
-    def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                sdb, sdn, sdh, sgb, sgn, sgh, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr):
+    def _dq_step(q, do, lse, delta, k, v, dq, qs, ks, N, W, qk_scale, scale, MASKED: tl.constexpr):
+        _, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, MASKED)
+        return dq + tl.dot(ds, k)
+
+    @triton.jit
+    def _bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, D: tl.constexpr):
+        """dq of one query tile; it also computes and stores delta = rowsum(o * do) of its queries, which
+        the dk/dv kernel (launched after it) reads."""
         m0 = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -127,15 +184,24 @@ if triton is not None:
         d = tl.arange(0, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
         do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
-        lse, delta = _row_stats(LSE, DELTA, bh, qs, N)
+        o = _tile(O, b, h, qs, d, N, sob, son, soh)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh * N + qs, delta, mask=qs < N)
+        lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
         dq = tl.zeros((BLOCK_M, D), tl.float32)
-        lo = tl.maximum(m0 - W + 1, 0) // BLOCK_N * BLOCK_N
-        for n0 in range(lo, m0 + BLOCK_M, BLOCK_N):
+        lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
+        for n0 in range(lo, inner, BLOCK_N):
             ks = n0 + tl.arange(0, BLOCK_N)
-            k = _tile(K, b, h, ks, d, N, skb, skn, skh)
-            v = _tile(V, b, h, ks, d, N, svb, svn, svh)
-            _, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, scale)
-            dq += tl.dot(ds, k)
+            dq = _dq_step(q, do, lse, delta, _tile(K, b, h, ks, d, N, skb, skn, skh),
+                          _tile(V, b, h, ks, d, N, svb, svn, svh), dq, qs, ks, N, W, qk_scale, scale, True)
+        for n0 in range(inner, diagonal, BLOCK_N):
+            ks = n0 + tl.arange(0, BLOCK_N)
+            dq = _dq_step(q, do, lse, delta, _tile(K, b, h, ks, d, N, skb, skn, skh),
+                          _tile(V, b, h, ks, d, N, svb, svn, svh), dq, qs, ks, N, W, qk_scale, scale, False)
+        for n0 in range(diagonal, end, BLOCK_N):
+            ks = n0 + tl.arange(0, BLOCK_N)
+            dq = _dq_step(q, do, lse, delta, _tile(K, b, h, ks, d, N, skb, skn, skh),
+                          _tile(V, b, h, ks, d, N, svb, svn, svh), dq, qs, ks, N, W, qk_scale, scale, True)
         tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=(qs < N)[:, None])
 
@@ -152,7 +218,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> 
     lse = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N)
     bm, bn, warps, stages = LAUNCH["fwd"]
     _fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-                                      1.0 / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps,
+                                      LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps,
                                       num_stages=stages)
     return o, lse
 
@@ -169,15 +235,17 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     B, N, H, D = q.shape
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    delta = (o.float() * grad_out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, h, N): rowsum(o * do)
+    delta = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N): rowsum(o * do)
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    args = (N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dq), 1.0 / math.sqrt(D))
+    scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
+    bm, bn, warps, stages = LAUNCH["dq"]  # one program per query tile; writes delta first
+    _bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q), *_bnh(k),
+                                         *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales, BLOCK_M=bm,
+                                         BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = LAUNCH["dkdv"]  # one program per key tile
-    _bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, *args, BLOCK_M=bm, BLOCK_N=bn,
-                                           D=D, num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = LAUNCH["dq"]  # one program per query tile
-    _bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, grad_out, lse, delta, dq, *args, BLOCK_M=bm, BLOCK_N=bn, D=D,
-                                         num_warps=warps, num_stages=stages)
+    _bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H, *_bnh(q),
+                                           *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dq), *scales, BLOCK_M=bm,
+                                           BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

@@ -72,8 +72,8 @@ def attention_call(spec: str, grid: Grid, batch: int, heads: int = 8, dim: int =
 
 
 def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
-    """Candidate kernels that `auto` does not use (yet), timed on the same shapes for the record; one
-    that fails records its error instead of stopping the benchmark."""
+    """Other kernels for the same calls (some of them what `auto` runs on other shapes), timed on the same
+    shapes for the record; one that fails records its error instead of stopping the benchmark."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from imagegen.attention import column_attention, dense_attention, flex_attention_pattern
@@ -89,13 +89,14 @@ def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
             q, k, v, grid, ("local",), PatternParams(), block=64)),
         "column: views + cuDNN attention": ("column", with_backend(column_attention, SDPBackend.CUDNN_ATTENTION)),
         "dense: cuDNN attention": ("dense", with_backend(dense_attention, SDPBackend.CUDNN_ATTENTION)),
-        "column: triton backend": ("column", None),
-        "local: triton band kernel": ("local", None),
+        "column: triton backend": ("column", "triton"),
+        "local: triton band kernel": ("local", "triton"),
+        "local: flash sliding window": ("local", "flash"),
     }
     out = {}
-    for name, (spec, run) in variants.items():
+    for name, (spec, how) in variants.items():  # how: a backend name, or a function run on q, k, v
         try:
-            backend = "triton" if run is None else "auto"
+            backend, run = (how, None) if isinstance(how, str) else ("auto", how)
             out[name] = time_ms(attention_call(spec, grid, batch, backend=backend, dtype=dtype, run=run), quick)
         except Exception as e:  # a candidate that cannot run is a result, not a crash
             out[name] = f"failed: {type(e).__name__}: {str(e)[-400:]}"

@@ -142,6 +142,19 @@ for grid in (Grid(5, 7, 1), Grid(4, 3, 3), Grid(17, 2, 3), Grid(4, 25, 1)):
         yr.backward(base[3])
         for a, b in zip((y, *qkv.grad.unbind(2)), (yr, qr.grad, kr.grad, vr.grad)):
             worst = max(worst, ((a - b).norm() / b.norm()).item())
+# a window of 200 keys: tiles wholly inside the band run unmasked (the middle of the three tile runs)
+grid, B, h, D = Grid(7, 50, 1), 1, 2, 16
+base = [torch.randn(B, grid.num_tokens, h, D) for _ in range(4)]
+for tiles in ((64, 64), (128, 64), (64, 128)):
+    band.LAUNCH.update({kernel: (*tiles, 4, 2) for kernel in ("fwd", "dkdv", "dq")})
+    q, k, v = (t.clone().requires_grad_(True) for t in base[:3])
+    y = band_attention(q, k, v, window=200)
+    y.backward(base[3])
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in base[:3])
+    yr = attend(qr, kr, vr, LayerSpec.parse("local"), grid, PatternParams(rows=4), "reference")
+    yr.backward(base[3])
+    for a, b in zip((y, q.grad, k.grad, v.grad), (yr, qr.grad, kr.grad, vr.grad)):
+        worst = max(worst, ((a - b).norm() / b.norm()).item())
 print("max rel err", worst)
 assert worst < 1e-4, worst
 """

@@ -47,6 +47,25 @@ def test_backend_equals_reference_in_bf16(grid, spec, backend):
     assert max(errs) < 2e-2
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton", "flash"])
+def test_wide_local_window_equals_reference_in_bf16(backend):
+    """Rows of 64 x 3 tokens (a window of 192 keys, as at N=12288): `auto` runs the band kernel here, and
+    half of the tiles a query visits lie wholly inside the band and skip the mask."""
+    from imagegen.attention import _kernel, flash_local_attention, triton_local_attention
+
+    torch.manual_seed(0)
+    grid, params = Grid(8, 64, 3), PatternParams(rows=1)
+    q, k, v, g = (torch.randn(2, grid.num_tokens, 4, 64, device="cuda") for _ in range(4))
+    qb = q.bfloat16()
+    assert _kernel(("local",), "auto", qb, grid, params) is triton_local_attention
+    assert _kernel(("local",), "auto", qb, Grid(64, 64, 1), params) is flash_local_attention  # window 64
+    ref = run("local", grid, "reference", q, k, v, g, params)
+    fast = run("local", grid, backend, qb, k.bfloat16(), v.bfloat16(), g, params)
+    errs = [((a - b).norm() / b.norm()).item() for a, b in zip(fast, ref)]
+    print(f"bf16 {backend:9s} local, window 192       max rel err (out, dq, dk, dv) = {max(errs):.2e}")
+    assert max(errs) < 2e-2
+
+
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
 def test_compiled_flash_local_equals_reference_in_bf16(grid):
     """Under torch.compile the flash `local` backend runs as custom ops (eagerly, as an autograd.Function:
