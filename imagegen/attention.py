@@ -9,8 +9,8 @@ run on zero-copy views (DESIGN.md section 4). Backends:
                memory, exact, with a backward on CPU and GPU
     triton     our Triton kernels (CUDA, bf16/fp16): `column` and `row` as one program per short sequence
                (imagegen.short_attention; exact, slower than the axial views), `local` as a band over
-               64 x 64 tiles with an atomic-free backward (imagegen.band_attention), which `auto` picks
-               for windows of BAND_KERNEL_MIN_WINDOW keys and more
+               64 x 64 tiles with an atomic-free backward (imagegen.band_attention; exact, on average as
+               fast as flash but its time varies from call to call, so `auto` does not pick it yet)
     flash      `local` as FlashAttention-2's sliding window (CUDA, bf16/fp16): the varlen kernel over the
                (B*N, heads, D) view of the projection with window (rows*L - 1, 0): no mask, no copy, and
                only the key blocks inside the band are visited (imagegen.window_attention)
@@ -18,9 +18,9 @@ run on zero-copy views (DESIGN.md section 4). Backends:
                one BlockMask per (pattern, grid, device), and a recompile-limit hit raises instead of
                silently falling back to the O(N^2) eager path
     auto       the fastest exact backend per pattern, device and dtype (reference only where nothing
-               else fits): on CUDA local -> flash (triton for windows of 128 keys or more; flex where
-               neither runs), column/row -> axial, dense -> FlashAttention, other patterns and unions
-               -> flex; on CPU local -> banded, column/row -> axial
+               else fits): on CUDA local -> flash (flex where flash cannot run), column/row -> axial,
+               dense -> FlashAttention, other patterns and unions -> flex; on CPU local -> banded,
+               column/row -> axial
 
 `attend(q, k, v, spec, grid, params, backend)` runs one layer spec (several head groups, each a pattern
 or a merged union); `supports(backend, names)` says whether a backend can run a head group.
@@ -226,23 +226,13 @@ def flash_local_attention(q, k, v, grid: Grid, rows: int = 1):
     return window_attention(q, k, v, window=rows * grid.row_len)
 
 
-# `auto` runs `local` on our Triton band kernel from this window (keys) up, on FlashAttention-2's sliding
-# window below it: flash visits 128-key tiles, so a wide window wastes more of them than the band kernel's
-# 64-key tiles, most of which it runs without a mask.
-BAND_KERNEL_MIN_WINDOW = 128
-
-
-def _kernel(names: tuple[str, ...], backend: str, q: torch.Tensor | None = None, grid: Grid | None = None,
-            params: PatternParams = PatternParams()):
+def _kernel(names: tuple[str, ...], backend: str, q: torch.Tensor | None = None, grid: Grid | None = None):
     """The function that runs one head group, or None when `backend` cannot run it (then: reference).
     Without `q` and `grid` it answers for any input (to validate a forced backend before any work)."""
     single = names[0] if len(names) == 1 else None
     on_cuda = q is not None and q.is_cuda
     if backend == "reference":
         return None
-    if (backend == "auto" and single == "local" and q is not None and grid is not None and band_attention_runs(q)
-            and min(params.rows * grid.row_len, grid.num_tokens) >= BAND_KERNEL_MIN_WINDOW):
-        return triton_local_attention
     if backend == "flash" or (backend == "auto" and single == "local" and q is not None and flash_window_runs(q)):
         return flash_local_attention if single == "local" else None
     if backend == "triton":  # exact, but not (yet) faster than flash / axial on the H100 (README)
@@ -285,7 +275,7 @@ def attend(q, k, v, spec: LayerSpec, grid: Grid, params: PatternParams, backend:
     groups = spec.head_groups(q.shape[2])
     for names, h0, h1 in groups:
         qs, ks, vs = (q, k, v) if len(groups) == 1 else (t[:, :, h0:h1] for t in (q, k, v))
-        kernel = _kernel(names, backend, q, grid, params)
+        kernel = _kernel(names, backend, q, grid)
         if kernel in (banded_local_attention, flash_local_attention, triton_local_attention):
             outs.append(kernel(qs, ks, vs, grid, rows=params.rows))
         elif kernel is flex_attention_pattern:

@@ -49,18 +49,13 @@ def test_backend_equals_reference_in_bf16(grid, spec, backend):
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "flash"])
 def test_wide_local_window_equals_reference_in_bf16(backend):
-    """Rows of 64 x 3 tokens (a window of 192 keys, as at N=12288): `auto` runs the band kernel here, and
-    half of the tiles a query visits lie wholly inside the band and skip the mask."""
-    from imagegen.attention import _kernel, flash_local_attention, triton_local_attention
-
+    """Rows of 64 x 3 tokens (a window of 192 keys, as at N=12288): half of the tiles a query visits in the
+    band kernel lie wholly inside the band and skip the mask."""
     torch.manual_seed(0)
     grid, params = Grid(8, 64, 3), PatternParams(rows=1)
     q, k, v, g = (torch.randn(2, grid.num_tokens, 4, 64, device="cuda") for _ in range(4))
-    qb = q.bfloat16()
-    assert _kernel(("local",), "auto", qb, grid, params) is triton_local_attention
-    assert _kernel(("local",), "auto", qb, Grid(64, 64, 1), params) is flash_local_attention  # window 64
     ref = run("local", grid, "reference", q, k, v, g, params)
-    fast = run("local", grid, backend, qb, k.bfloat16(), v.bfloat16(), g, params)
+    fast = run("local", grid, backend, *(t.bfloat16() for t in (q, k, v)), g, params)
     errs = [((a - b).norm() / b.norm()).item() for a, b in zip(fast, ref)]
     print(f"bf16 {backend:9s} local, window 192       max rel err (out, dq, dk, dv) = {max(errs):.2e}")
     assert max(errs) < 2e-2
@@ -84,13 +79,17 @@ def test_compiled_flash_local_equals_reference_in_bf16(grid):
     assert max(errs) < 2e-2
 
 
-def test_compiled_model_trains_in_bf16():
+@pytest.mark.parametrize("width,channels,backend", [(16, 1, "auto"), (64, 3, "auto"), (64, 3, "triton")],
+                         ids=["window16", "window192", "window192-triton"])
+def test_compiled_model_trains_in_bf16(width, channels, backend):
+    """torch.compile of the whole model (our kernels as custom ops) matches eager, and trains."""
     from imagegen.model import ImageTransformer, ModelConfig
 
-    cfg = ModelConfig(vocab_size=64, height=16, width=16, n_layer=2, n_head=2, n_embd=64, layout=["local", "column"])
+    cfg = ModelConfig(vocab_size=64, height=4, width=width, channels=channels, n_layer=2, n_head=2, n_embd=64,
+                      layout=["local", "column"], backend=backend)
     model = ImageTransformer(cfg).cuda()
     compiled = torch.compile(model)
-    tokens = torch.randint(0, 64, (4, 256), device="cuda")
+    tokens = torch.randint(0, 64, (4, model.grid.num_tokens), device="cuda")
     ce = lambda logits: torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())  # noqa: E731
     with torch.autocast("cuda", torch.bfloat16):
         eager, fast = ce(model(tokens)), ce(compiled(tokens))
