@@ -71,6 +71,20 @@ def attention_call(spec: str, grid: Grid, batch: int, heads: int = 8, dim: int =
     return step
 
 
+ROUNDS = 3  # each main time is the median of this many calls, each on freshly allocated inputs
+
+
+def rounds_ms(make_step, quick: bool = False, rounds: int = ROUNDS) -> list[float]:
+    """time_ms of `rounds` steps, each made afresh by make_step() (new inputs, new allocations): one
+    kernel's time can depend on more than its shapes, and a single timing would hide that."""
+    return [time_ms(make_step(), quick) for _ in range(1 if quick else rounds)]
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
     """Other kernels for the same calls (some of them what `auto` runs on other shapes), timed on the same
     shapes for the record; one that fails records its error instead of stopping the benchmark."""
@@ -97,7 +111,8 @@ def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
     for name, (spec, how) in variants.items():  # how: a backend name, or a function run on q, k, v
         try:
             backend, run = (how, None) if isinstance(how, str) else ("auto", how)
-            out[name] = time_ms(attention_call(spec, grid, batch, backend=backend, dtype=dtype, run=run), quick)
+            out[name] = rounds_ms(lambda: attention_call(spec, grid, batch, backend=backend, dtype=dtype, run=run),
+                                  quick)
         except Exception as e:  # a candidate that cannot run is a result, not a crash
             out[name] = f"failed: {type(e).__name__}: {str(e)[-400:]}"
     return out
@@ -117,8 +132,11 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
     rows = []
     for label, grid, batch in shapes:
         res = {"shape": label, "N": grid.num_tokens, "batch": batch}
+        res["rounds"] = {}
         for spec in ("dense", "local", "column", "row"):
-            res[spec] = time_ms(attention_call(spec, grid, batch, device=device, dtype=dtype), quick)
+            res["rounds"][spec] = rounds_ms(lambda: attention_call(spec, grid, batch, device=device, dtype=dtype),
+                                            quick)
+            res[spec] = median(res["rounds"][spec])
         others = [("local", "flex"), ("local", "banded"), ("column", "axial")] if device == "cuda" else [
             ("local", "banded"), ("column", "axial")]
         for spec, backend in others:  # the other exact backends, for the record
@@ -152,6 +170,15 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
             "torch": torch.__version__, "attention": rows, "scaling": scaling}
 
 
+def _listed(value) -> str:
+    """A list of timings as "0.512 / 0.530 / 0.498 ms"; an error message as it is."""
+    if isinstance(value, float):
+        value = [value]
+    if isinstance(value, list):
+        return " / ".join(f"{v:.3f}" for v in value) + " ms"
+    return str(value)
+
+
 def format_attention(result: dict) -> str:
     out = [(f"Attention, one call forward+backward, {result['dtype']}, head dim 64, 8 heads "
             f"({result['device']}, torch {result['torch']}; times are medians)"),
@@ -164,10 +191,14 @@ def format_attention(result: dict) -> str:
                    f"{r['local_banded']:.3f} ms | {r['column']:.3f} ms ({r['speedup_column']:.1f}x) | "
                    f"{r['column_axial']:.3f} ms | {r['row']:.3f} ms | {r['sparse_mean']:.3f} ms | "
                    f"{r['speedup_mean']:.2f}x |")
+    rounds = len(next(iter(result["attention"][0].get("rounds", {}).values()), [0]))
+    out += ["", f"Each time above for dense, local, column and row is the median of {rounds} call(s) on fresh "
+            "inputs; all of them (and the candidates'):"]
     for r in result["attention"]:
+        for spec, values in r.get("rounds", {}).items():
+            out.append(f"- {r['shape']}, {spec} (auto): {_listed(values)}")
         for name, value in r.get("experiments", {}).items():
-            shown = f"{value:.3f} ms" if isinstance(value, float) else value
-            out.append(f"- {r['shape']}, candidate {name}: {shown}")
+            out.append(f"- {r['shape']}, candidate {name}: {_listed(value)}")
     graphed = [r for r in result["attention"] if "graph" in r]
     if graphed:
         out += ["", "The same calls captured once as a CUDA graph and replayed (GPU time, no launch overhead)",
