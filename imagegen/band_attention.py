@@ -88,6 +88,16 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
+    def _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, start, stop, N, W, skb, skn, skh, svb, svn, svh, qk_scale,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """The online softmax over key tiles start, start+BLOCK_N, ... < stop."""
+        for n0 in range(start, stop, BLOCK_N):
+            ks = n0 + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _fwd_step(q, _tile(K, b, h, ks, d, N, skb, skn, skh), _tile(V, b, h, ks, d, N, svb, svn, svh),
+                                      m_i, l_i, acc, qs, ks, N, W, qk_scale, MASKED)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
         m0 = tl.program_id(0) * BLOCK_M
@@ -100,18 +110,12 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
         lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
-        for n0 in range(lo, inner, BLOCK_N):
-            ks = n0 + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _fwd_step(q, _tile(K, b, h, ks, d, N, skb, skn, skh), _tile(V, b, h, ks, d, N, svb, svn, svh),
-                                      m_i, l_i, acc, qs, ks, N, W, qk_scale, True)
-        for n0 in range(inner, diagonal, BLOCK_N):
-            ks = n0 + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _fwd_step(q, _tile(K, b, h, ks, d, N, skb, skn, skh), _tile(V, b, h, ks, d, N, svb, svn, svh),
-                                      m_i, l_i, acc, qs, ks, N, W, qk_scale, False)
-        for n0 in range(diagonal, end, BLOCK_N):
-            ks = n0 + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _fwd_step(q, _tile(K, b, h, ks, d, N, skb, skn, skh), _tile(V, b, h, ks, d, N, svb, svn, svh),
-                                      m_i, l_i, acc, qs, ks, N, W, qk_scale, True)
+        m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, lo, inner, N, W, skb, skn, skh, svb, svn, svh,
+                                 qk_scale, BLOCK_N, True)
+        m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, inner, diagonal, N, W, skb, skn, skh, svb, svn,
+                                 svh, qk_scale, BLOCK_N, False)
+        m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, diagonal, end, N, W, skb, skn, skh, svb, svn,
+                                 svh, qk_scale, BLOCK_N, True)
         l_i = tl.where(qs < N, l_i, 1.0)  # rows past the end saw no key; they are not stored
         o = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + qs[:, None] * son + d[None, :], o.to(O.dtype.element_ty),
@@ -128,9 +132,23 @@ if triton is not None:
         return p, (p * (dp - delta[:, None]) * scale).to(q.dtype)
 
     @triton.jit
-    def _dkdv_step(q, do, lse, delta, k, v, dk, dv, qs, ks, N, W, qk_scale, scale, MASKED: tl.constexpr):
-        p, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, MASKED)
-        return dk + tl.dot(tl.trans(ds), q), dv + tl.dot(tl.trans(p.to(do.dtype)), do)
+    def _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, stop, N, W, sqb, sqn, sqh, sdb, sdn,
+                  sdh, qk_scale, scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+        """dk and dv of one key tile, accumulated over query tiles start, start+BLOCK_M, ... < stop."""
+        for m0 in range(start, stop, BLOCK_M):
+            qs = m0 + tl.arange(0, BLOCK_M)
+            q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
+            do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
+            if MASKED:  # unmasked tiles hold only queries before N
+                lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
+                delta = tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
+            else:
+                lse = tl.load(LSE + bh * N + qs)
+                delta = tl.load(DELTA + bh * N + qs)
+            p, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, MASKED)
+            dk += tl.dot(tl.trans(ds), q)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        return dk, dv
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
@@ -146,31 +164,27 @@ if triton is not None:
         dk = tl.zeros((BLOCK_N, D), tl.float32)
         dv = tl.zeros((BLOCK_N, D), tl.float32)
         start, inner, outer, end = _query_tile_phases(n0, N, W, BLOCK_M, BLOCK_N)
-        for m0 in range(start, inner, BLOCK_M):
-            qs = m0 + tl.arange(0, BLOCK_M)
-            dk, dv = _dkdv_step(_tile(Q, b, h, qs, d, N, sqb, sqn, sqh), _tile(DO, b, h, qs, d, N, sdb, sdn, sdh),
-                                tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0),
-                                tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0),
-                                k, v, dk, dv, qs, ks, N, W, qk_scale, scale, True)
-        for m0 in range(inner, outer, BLOCK_M):
-            qs = m0 + tl.arange(0, BLOCK_M)
-            dk, dv = _dkdv_step(_tile(Q, b, h, qs, d, N, sqb, sqn, sqh), _tile(DO, b, h, qs, d, N, sdb, sdn, sdh),
-                                tl.load(LSE + bh * N + qs), tl.load(DELTA + bh * N + qs),
-                                k, v, dk, dv, qs, ks, N, W, qk_scale, scale, False)
-        for m0 in range(outer, end, BLOCK_M):
-            qs = m0 + tl.arange(0, BLOCK_M)
-            dk, dv = _dkdv_step(_tile(Q, b, h, qs, d, N, sqb, sqn, sqh), _tile(DO, b, h, qs, d, N, sdb, sdn, sdh),
-                                tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0),
-                                tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0),
-                                k, v, dk, dv, qs, ks, N, W, qk_scale, scale, True)
+        dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, inner, N, W, sqb, sqn, sqh,
+                           sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
+        dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, inner, outer, N, W, sqb, sqn, sqh,
+                           sdb, sdn, sdh, qk_scale, scale, BLOCK_M, False)
+        dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, outer, end, N, W, sqb, sqn, sqh,
+                           sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
         out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(ks < N)[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
 
     @triton.jit
-    def _dq_step(q, do, lse, delta, k, v, dq, qs, ks, N, W, qk_scale, scale, MASKED: tl.constexpr):
-        _, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, MASKED)
-        return dq + tl.dot(ds, k)
+    def _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, start, stop, N, W, skb, skn, skh, svb, svn, svh,
+                qk_scale, scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """dq of one query tile, accumulated over key tiles start, start+BLOCK_N, ... < stop."""
+        for n0 in range(start, stop, BLOCK_N):
+            ks = n0 + tl.arange(0, BLOCK_N)
+            k = _tile(K, b, h, ks, d, N, skb, skn, skh)
+            _, ds = _probs_and_grads(q, k, _tile(V, b, h, ks, d, N, svb, svn, svh), do, lse, delta, qs, ks, N, W,
+                                     qk_scale, scale, MASKED)
+            dq += tl.dot(ds, k)
+        return dq
 
     @triton.jit
     def _bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
@@ -191,18 +205,12 @@ if triton is not None:
         lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
         dq = tl.zeros((BLOCK_M, D), tl.float32)
         lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
-        for n0 in range(lo, inner, BLOCK_N):
-            ks = n0 + tl.arange(0, BLOCK_N)
-            dq = _dq_step(q, do, lse, delta, _tile(K, b, h, ks, d, N, skb, skn, skh),
-                          _tile(V, b, h, ks, d, N, svb, svn, svh), dq, qs, ks, N, W, qk_scale, scale, True)
-        for n0 in range(inner, diagonal, BLOCK_N):
-            ks = n0 + tl.arange(0, BLOCK_N)
-            dq = _dq_step(q, do, lse, delta, _tile(K, b, h, ks, d, N, skb, skn, skh),
-                          _tile(V, b, h, ks, d, N, svb, svn, svh), dq, qs, ks, N, W, qk_scale, scale, False)
-        for n0 in range(diagonal, end, BLOCK_N):
-            ks = n0 + tl.arange(0, BLOCK_N)
-            dq = _dq_step(q, do, lse, delta, _tile(K, b, h, ks, d, N, skb, skn, skh),
-                          _tile(V, b, h, ks, d, N, svb, svn, svh), dq, qs, ks, N, W, qk_scale, scale, True)
+        dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, lo, inner, N, W, skb, skn, skh, svb, svn, svh,
+                     qk_scale, scale, BLOCK_N, True)
+        dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, inner, diagonal, N, W, skb, skn, skh, svb, svn, svh,
+                     qk_scale, scale, BLOCK_N, False)
+        dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, diagonal, end, N, W, skb, skn, skh, svb, svn, svh,
+                     qk_scale, scale, BLOCK_N, True)
         tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=(qs < N)[:, None])
 
