@@ -74,10 +74,11 @@ def attention_call(spec: str, grid: Grid, batch: int, heads: int = 8, dim: int =
 ROUNDS = 3  # each main time is the median of this many calls, each on freshly allocated inputs
 
 
-def rounds_ms(make_step, quick: bool = False, rounds: int = ROUNDS) -> list[float]:
-    """time_ms of `rounds` steps, each made afresh by make_step() (new inputs, new allocations): one
-    kernel's time can depend on more than its shapes, and a single timing would hide that."""
-    return [time_ms(make_step(), quick) for _ in range(1 if quick else rounds)]
+def rounds_ms(spec: str, grid: Grid, batch: int, quick: bool = False, rounds: int = ROUNDS, **call) -> list[float]:
+    """time_ms of `rounds` attention calls (attention_call(spec, grid, batch, **call)), each made afresh (new
+    inputs, new allocations): one kernel's time can depend on more than its shapes, and a single timing
+    would hide that."""
+    return [time_ms(attention_call(spec, grid, batch, **call), quick) for _ in range(1 if quick else rounds)]
 
 
 def median(values: list[float]) -> float:
@@ -111,8 +112,7 @@ def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
     for name, (spec, how) in variants.items():  # how: a backend name, or a function run on q, k, v
         try:
             backend, run = (how, None) if isinstance(how, str) else ("auto", how)
-            out[name] = rounds_ms(lambda: attention_call(spec, grid, batch, backend=backend, dtype=dtype, run=run),
-                                  quick)
+            out[name] = rounds_ms(spec, grid, batch, quick, backend=backend, dtype=dtype, run=run)
         except Exception as e:  # a candidate that cannot run is a result, not a crash
             out[name] = f"failed: {type(e).__name__}: {str(e)[-400:]}"
     return out
@@ -134,8 +134,7 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
         res = {"shape": label, "N": grid.num_tokens, "batch": batch}
         res["rounds"] = {}
         for spec in ("dense", "local", "column", "row"):
-            res["rounds"][spec] = rounds_ms(lambda: attention_call(spec, grid, batch, device=device, dtype=dtype),
-                                            quick)
+            res["rounds"][spec] = rounds_ms(spec, grid, batch, quick, device=device, dtype=dtype)
             res[spec] = median(res["rounds"][spec])
         others = [("local", "flex"), ("local", "banded"), ("column", "axial")] if device == "cuda" else [
             ("local", "banded"), ("column", "axial")]
@@ -192,8 +191,8 @@ def format_attention(result: dict) -> str:
                    f"{r['column_axial']:.3f} ms | {r['row']:.3f} ms | {r['sparse_mean']:.3f} ms | "
                    f"{r['speedup_mean']:.2f}x |")
     rounds = len(next(iter(result["attention"][0].get("rounds", {}).values()), [0]))
-    out += ["", f"Each time above for dense, local, column and row is the median of {rounds} call(s) on fresh "
-            "inputs; all of them (and the candidates'):"]
+    out += ["", (f"Each time above for dense, local, column and row is the median of {rounds} call(s) on fresh "
+                 "inputs; all of them (and the candidates'):")]
     for r in result["attention"]:
         for spec, values in r.get("rounds", {}).items():
             out.append(f"- {r['shape']}, {spec} (auto): {_listed(values)}")

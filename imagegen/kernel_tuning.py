@@ -15,8 +15,8 @@ import itertools
 import torch
 
 from imagegen import band_attention, short_attention
-from imagegen.benchmark import ATTENTION_SHAPES, attention_call, time_ms
 from imagegen.attention import Grid
+from imagegen.benchmark import ATTENTION_SHAPES, attention_call, time_ms
 
 BAND_CHOICES = [(bm, bn, warps, stages) for (bm, bn), warps, stages in
                 itertools.product([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))]
@@ -91,10 +91,10 @@ def _ms(value) -> str:
 
 
 def format_tuning(result: dict) -> str:
-    out = [f"Triton attention kernels: launch settings (one call fwd+bwd, bf16; {result['device']}, "
-           f"torch {result['torch']})",
-           "| shape | local: auto | band kernel, default | band kernel, tuned | column: auto | "
-           "short kernel, default | short kernel, tuned |", "|---|---|---|---|---|---|---|"]
+    out = [(f"Triton attention kernels: launch settings (one call fwd+bwd, bf16; {result['device']}, "
+            f"torch {result['torch']})"),
+           ("| shape | local: auto | band kernel, default | band kernel, tuned | column: auto | "
+            "short kernel, default | short kernel, tuned |"), "|---|---|---|---|---|---|---|"]
     for r in result["tuning"]:
         out.append(f"| {r['shape']} N={r['N']} x {r['batch']} | {_ms(r['auto_local'])} | "
                    f"{_ms(r['triton_local_default'])} | {_ms(r['band']['best_ms'])} | {_ms(r['auto_column'])} | "
