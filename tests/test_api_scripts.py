@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ def script(name, *args, cwd):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(Path(cwd).glob("*.log")), "the script left a log file in the working directory"
     return done.stdout
 
 

@@ -176,6 +176,7 @@ def test_fit_palette_script_output_is_used_by_training(tiny_cfg, tmp_path):
                            "data.image_size=8", "data.num_train=32", "data.num_workers=0", "tokenizer.num_colors=16",
                            "tokenizer.fit_images=8"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(tmp_path.glob("*.log")), "fit_palette.py left a log file in the working directory"
     palette = torch.load(out, weights_only=True)["palette"]
     train(tiny_cfg(f"tokenizer.path={out}", "trainer.max_steps=1"))
     restored = ImageGPT.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")
