@@ -129,11 +129,15 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = [("quick", Grid(8, 8, g.channels), 2) for _, g, _ in ATTENTION_SHAPES] if quick else ATTENTION_SHAPES
+    from tqdm.auto import tqdm
+
     rows = []
-    for label, grid, batch in shapes:
+    bar = tqdm(shapes, desc="attention shapes", unit="shape", disable=quick)  # on stderr
+    for label, grid, batch in bar:
         res = {"shape": label, "N": grid.num_tokens, "batch": batch}
         res["rounds"] = {}
         for spec in ("dense", "local", "column", "row"):
+            bar.set_postfix_str(f"{label}: {spec}")
             res["rounds"][spec] = rounds_ms(spec, grid, batch, quick, device=device, dtype=dtype)
             res[spec] = median(res["rounds"][spec])
         others = [("local", "flex"), ("local", "banded"), ("column", "axial")] if device == "cuda" else [
@@ -142,7 +146,9 @@ def bench_attention(quick: bool = False, device: str | None = None) -> dict:
             res[f"{spec}_{backend}"] = time_ms(attention_call(spec, grid, batch, backend=backend, device=device,
                                                               dtype=dtype), quick)
         if device == "cuda":
+            bar.set_postfix_str(f"{label}: candidate kernels")
             res["experiments"] = experimental_variants(grid, batch, dtype, quick)
+            bar.set_postfix_str(f"{label}: CUDA-graph replays")
             res["graph"] = {}
             for spec in ("dense", "local", "column"):  # the same calls without launch overhead
                 try:
