@@ -47,6 +47,13 @@ if triton is not None:
         return tl.load(ptr + b * sb + h * sh + rows[:, None] * sn + d[None, :], mask=(rows < N)[:, None], other=0.0)
 
     @triton.jit
+    def _this_tile(H, BLOCK: tl.constexpr, D: tl.constexpr):
+        """The tile this program owns: (first row, batch*head index, batch, head, its rows, head-dim range)."""
+        start = tl.program_id(0) * BLOCK
+        bh = tl.program_id(1)
+        return start, bh, bh // H, bh % H, start + tl.arange(0, BLOCK), tl.arange(0, D)
+
+    @triton.jit
     def _band(qs, ks, N, W):
         """(len(qs), len(ks)) bool: key k is inside the band of query q, and both exist."""
         dist = qs[:, None] - ks[None, :]
@@ -100,11 +107,7 @@ if triton is not None:
     @triton.jit
     def _fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-        m0 = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b, h = bh // H, bh % H
-        qs = m0 + tl.arange(0, BLOCK_M)
-        d = tl.arange(0, D)
+        m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
         m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -154,11 +157,7 @@ if triton is not None:
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                   sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   D: tl.constexpr):
-        n0 = tl.program_id(0) * BLOCK_N
-        bh = tl.program_id(1)
-        b, h = bh // H, bh % H
-        ks = n0 + tl.arange(0, BLOCK_N)
-        d = tl.arange(0, D)
+        n0, bh, b, h, ks, d = _this_tile(H, BLOCK_N, D)
         k = _tile(K, b, h, ks, d, N, skb, skn, skh)
         v = _tile(V, b, h, ks, d, N, svb, svn, svh)
         dk = tl.zeros((BLOCK_N, D), tl.float32)
@@ -192,11 +191,7 @@ if triton is not None:
                 BLOCK_N: tl.constexpr, D: tl.constexpr):
         """dq of one query tile; it also computes and stores delta = rowsum(o * do) of its queries, which
         the dk/dv kernel (launched after it) reads."""
-        m0 = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b, h = bh // H, bh % H
-        qs = m0 + tl.arange(0, BLOCK_M)
-        d = tl.arange(0, D)
+        m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
         do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
         o = _tile(O, b, h, qs, d, N, sob, son, soh)

@@ -42,10 +42,12 @@ def short_attention_runs(q: torch.Tensor, seq_len: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _this_sequence(n1, n2):
-        """(i0, i1, i2): the sequence this program owns (program id = (i0 * n1 + i1) * n2 + i2)."""
+    def _this_sequence(n1, n2, S, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        """The sequence this program owns: (pid, i0, i1, i2, positions, head-dim range, positions < S),
+        where program id = (i0 * n1 + i1) * n2 + i2."""
         pid = tl.program_id(0)
-        return pid // (n1 * n2), (pid // n2) % n1, pid % n2
+        s = tl.arange(0, BLOCK_S)
+        return pid, pid // (n1 * n2), (pid // n2) % n1, pid % n2, s, tl.arange(0, D), s < S
 
     @triton.jit
     def _load(ptr, i0, i1, i2, s, d, inside, st0, st1, st2, st3):
@@ -56,11 +58,7 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
                     so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)
-        i0, i1, i2 = _this_sequence(n1, n2)
-        s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, D)
-        inside = s < S
+        pid, i0, i1, i2, s, d, inside = _this_sequence(n1, n2, S, BLOCK_S, D)
         q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
         k = _load(K, i0, i1, i2, s, d, inside, sk0, sk1, sk2, sk3)
         v = _load(V, i0, i1, i2, s, d, inside, sv0, sv1, sv2, sv3)
@@ -79,11 +77,7 @@ if triton is not None:
     def _bwd_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3,
                     sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1, sg2, sg3, scale,
                     BLOCK_S: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)
-        i0, i1, i2 = _this_sequence(n1, n2)
-        s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, D)
-        inside = s < S
+        pid, i0, i1, i2, s, d, inside = _this_sequence(n1, n2, S, BLOCK_S, D)
         q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
         k = _load(K, i0, i1, i2, s, d, inside, sk0, sk1, sk2, sk3)
         v = _load(V, i0, i1, i2, s, d, inside, sv0, sv1, sv2, sv3)
