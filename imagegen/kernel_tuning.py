@@ -36,39 +36,32 @@ def _best(times: dict) -> tuple:
     return min(ok, key=ok.get)
 
 
-def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
-    saved = dict(band_attention.LAUNCH)
-    choices = BAND_CHOICES[:2] if quick else BAND_CHOICES
+def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batch: int, quick: bool) -> dict:
+    """Each key of `launch` (a kernel module's LAUNCH) in turn set to each of its options, keeping the
+    fastest for the keys after it; `launch` is restored afterwards."""
+    saved = dict(launch)
     tried = {}
     try:
-        for kernel in ("fwd", "dkdv", "dq"):
+        for key, choices in options.items():
             times = {}
-            for choice in choices:
-                band_attention.LAUNCH[kernel] = choice
-                times[choice] = _timed("local", grid, batch, "triton", quick)
-            band_attention.LAUNCH[kernel] = _best(times)
-            tried[kernel] = {str(k): v for k, v in times.items()}
-        best = dict(band_attention.LAUNCH)
-        return {"tried": tried, "best": best, "best_ms": _timed("local", grid, batch, "triton", quick)}
+            for choice in choices[:2] if quick else choices:
+                launch[key] = choice
+                times[choice] = _timed(spec, grid, batch, "triton", quick)
+            launch[key] = _best(times)
+            tried[key] = {str(k): v for k, v in times.items()}
+        return {"tried": tried, "best": dict(launch), "best_ms": _timed(spec, grid, batch, "triton", quick)}
     finally:
-        band_attention.LAUNCH.update(saved)
+        launch.update(saved)
+
+
+def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
+    options = {kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}
+    return _coordinate_descent(band_attention.LAUNCH, options, "local", grid, batch, quick)
 
 
 def tune_short(grid: Grid, batch: int, quick: bool = False) -> dict:
-    saved = dict(short_attention.LAUNCH)
-    tried = {}
-    try:
-        for key, options in (("fwd_warps", FWD_WARPS), ("bwd_warps", BWD_WARPS)):
-            times = {}
-            for warps in options[:2] if quick else options:
-                short_attention.LAUNCH[key] = warps
-                times[warps] = _timed("column", grid, batch, "triton", quick)
-            short_attention.LAUNCH[key] = _best(times)
-            tried[key] = times
-        best = dict(short_attention.LAUNCH)
-        return {"tried": tried, "best": best, "best_ms": _timed("column", grid, batch, "triton", quick)}
-    finally:
-        short_attention.LAUNCH.update(saved)
+    options = {"fwd_warps": FWD_WARPS, "bwd_warps": BWD_WARPS}
+    return _coordinate_descent(short_attention.LAUNCH, options, "column", grid, batch, quick)
 
 
 def tune(quick: bool = False) -> dict:
