@@ -61,13 +61,18 @@ def model_step_flops(model: ImageTransformer) -> float:
     return step_flops(model.num_params(), layers, cfg.n_embd, cfg.height, cfg.grid.row_len)
 
 
+def size_config(kind: str, size: tuple, activation_checkpointing: bool = False) -> ModelConfig:
+    """The ModelConfig of `kind` (dense or sparse) at a size tuple (label, vocab, H, W, C, layers, d, heads[,
+    batch])."""
+    _, V, H, W, C, n_layer, d, heads = size[:8]
+    return ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
+                       layout=LAYOUTS[kind], activation_checkpointing=activation_checkpointing)
+
+
 def our_model(kind: str, size: tuple, device: str, compile_mode: str = "default"):
     """Our model (`kind` = dense or sparse) at one of SIZES, and its loss as training runs it: compiled
     on a GPU, eager on a CPU."""
-    _, V, H, W, C, n_layer, d, heads, _ = size
-    cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
-                      layout=LAYOUTS[kind])
-    model = ImageTransformer(cfg).to(device)
+    model = ImageTransformer(size_config(kind, size)).to(device)
     return model, torch.compile(model.loss, mode=compile_mode) if device == "cuda" else model.loss
 
 
@@ -257,30 +262,23 @@ LARGEST = ("48L d512 16 heads, 64x64x3 subpixel (ImageNet 64x64, Sparse Transfor
 
 def fits(kind: str, batch: int, checkpointing: bool, size: tuple = LARGEST) -> dict | None:
     """Peak memory and time of two eager bf16 training steps at `batch`, or None when out of memory."""
-    _, V, H, W, C, n_layer, d, heads = size
-    cfg = ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
-                      layout=LAYOUTS[kind], activation_checkpointing=checkpointing)
-    model = opt = None
+    _, V, H, W, C = size[:5]
+    model = step = None
     try:
-        model = ImageTransformer(cfg).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        tokens = torch.randint(0, V, (batch, H * W * C), device="cuda")
+        model = ImageTransformer(size_config(kind, size, checkpointing)).cuda()
+        step = training_step(model, model.loss, batch, H * W * C, V, "cuda")
         torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(2):
             t0 = time.perf_counter()
-            with torch.autocast("cuda", torch.bfloat16):
-                loss = model.loss(tokens)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "s_per_step_eager": times[-1]}
     except torch.OutOfMemoryError:
         return None
     finally:
-        del model, opt
+        del model, step
         torch.cuda.empty_cache()
 
 
