@@ -32,9 +32,15 @@ def run_dir_given() -> bool:
 
 
 def check_launch(cfg: DictConfig) -> None:
+    """Refuse, before any work, a launch that cannot run as configured."""
+    from imagegen.training import uses_gpu
+
     if launched_externally() and not run_dir_given():
         raise ValueError("started by torchrun/srun: every rank runs Hydra, so pass hydra.run.dir=DIR "
                          "to give all ranks one run dir (e.g. hydra.run.dir=outputs/my_run)")
+    if "fsdp" in str(cfg.trainer.get("strategy", "")).lower() and not uses_gpu(cfg):
+        raise ValueError("trainer=fsdp needs GPUs (Lightning's FSDP has no CPU path); "
+                         "on CPUs use trainer=ddp, which runs with the gloo backend")
 
 
 def fsdp_strategy(**kwargs):

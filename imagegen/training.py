@@ -165,9 +165,6 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     # 1. cheap checks, before any data is read
     check_launch(cfg)
-    if "fsdp" in str(cfg.trainer.get("strategy", "")).lower() and not uses_gpu(cfg):
-        raise ValueError("trainer=fsdp needs GPUs (Lightning's FSDP has no CPU path); "
-                         "on CPUs use trainer=ddp, which runs with the gloo backend")
     datamodule = build(cfg.data)
     datamodule.check()
     tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
