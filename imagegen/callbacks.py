@@ -177,7 +177,8 @@ class SampleGrid(L.Callback):
         from imagegen.commands import save_grid
 
         was_training = pl_module.model.training
-        images = Pipeline(pl_module.model, pl_module.tokenizer).sample(self.n, self.temperature, seed=self.seed)  # bf16 copy on GPUs
+        pipe = Pipeline(pl_module.model, pl_module.tokenizer)
+        images = pipe.sample(self.n, self.temperature, seed=self.seed)  # from a bf16 copy on GPUs
         pl_module.model.train(was_training)
         pl_module.tokenizer.train(was_training)
         path = os.path.join(self.dirpath, f"step_{step:07d}.png")

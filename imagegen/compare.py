@@ -23,7 +23,8 @@ def run_dirs(paths: list[str]) -> list[str]:
         if os.path.isfile(os.path.join(path, "metrics.csv")):
             out.append(path)
             continue
-        jobs = sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "metrics.csv"))) if os.path.isdir(path) else []
+        subdirs = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(path) else []
+        jobs = [d for d in subdirs if os.path.isfile(os.path.join(d, "metrics.csv"))]
         if not jobs:
             raise FileNotFoundError(f"{path}: no metrics.csv here or in its sub-directories (is it a run dir?)")
         out += jobs
