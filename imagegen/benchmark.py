@@ -22,6 +22,12 @@ ATTENTION_SHAPES = [
 SCALING_SHAPES = [("1K", Grid(32, 32, 1)), ("4K", Grid(64, 64, 1)), ("16K", Grid(128, 128, 1))]
 
 
+def median(values: list[float]) -> float:
+    """The middle value (the upper one of the two middles for an even count)."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def time_ms(fn, quick: bool = False, warmup_ms: int = 100, rep_ms: int = 500) -> float:
     """Median milliseconds of fn(): CUDA-event timings on a GPU (warm-up and repetition budgets in ms;
     quick: 25 and 100), a rough wall-clock median on a CPU."""
@@ -34,7 +40,7 @@ def time_ms(fn, quick: bool = False, warmup_ms: int = 100, rep_ms: int = 500) ->
             t = time.perf_counter()
             fn()
             ts.append((time.perf_counter() - t) * 1e3)
-        return sorted(ts)[len(ts) // 2]
+        return median(ts)
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25 if quick else warmup_ms, rep=100 if quick else rep_ms, return_mode="median")
@@ -79,11 +85,6 @@ def rounds_ms(spec: str, grid: Grid, batch: int, quick: bool = False, rounds: in
     inputs, new allocations): one kernel's time can depend on more than its shapes, and a single timing
     would hide that."""
     return [time_ms(attention_call(spec, grid, batch, **call), quick) for _ in range(1 if quick else rounds)]
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
