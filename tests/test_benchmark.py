@@ -24,3 +24,24 @@ def test_profile_splits_a_step_into_groups_that_add_up(tmp_path):
     total = sum(k["ms_per_step"] for k in result["kernels"])
     assert abs(sum(result["groups"].values()) - total) < 1e-6 * max(total, 1)
     assert "| attention |" in done.stdout
+
+
+def test_kernel_tuning_keeps_the_fastest_setting_per_key_and_restores_the_defaults(monkeypatch):
+    """scripts/benchmark.py tune (GPU only) searches launch settings by coordinate descent; here with a fake
+    timer whose fastest settings are known, and a setting that fails to launch."""
+    from imagegen import band_attention, kernel_tuning, short_attention
+    from imagegen.attention import Grid
+
+    band_defaults, short_defaults = dict(band_attention.LAUNCH), dict(short_attention.LAUNCH)
+
+    def fake_time(spec, grid, batch, backend, quick):
+        launch = band_attention.LAUNCH
+        if launch["dkdv"][:2] == (128, 128):
+            return "failed: OutOfResources"
+        return float(sum(sum(v) for v in launch.values()) - 1000 * (launch["dq"] == (128, 64, 8, 3)))
+
+    monkeypatch.setattr(kernel_tuning, "_timed", fake_time)
+    found = kernel_tuning.tune_band(Grid(8, 8, 1), 2)
+    assert found["best"] == {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (128, 64, 8, 3)}
+    assert found["tried"]["dkdv"][str((128, 128, 4, 2))].startswith("failed")
+    assert band_attention.LAUNCH == band_defaults and short_attention.LAUNCH == short_defaults
