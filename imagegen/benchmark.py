@@ -105,8 +105,6 @@ def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
             q, k, v, grid, ("local",), PatternParams(), block=64)),
         "column: views + cuDNN attention": ("column", with_backend(column_attention, SDPBackend.CUDNN_ATTENTION)),
         "dense: cuDNN attention": ("dense", with_backend(dense_attention, SDPBackend.CUDNN_ATTENTION)),
-        "column: triton backend": ("column", "triton"),
-        "local: triton band kernel": ("local", "triton"),
         "local: flash sliding window": ("local", "flash"),
     }
     out = {}
@@ -117,6 +115,101 @@ def experimental_variants(grid: Grid, batch: int, dtype, quick: bool) -> dict:
         except Exception as e:  # a candidate that cannot run is a result, not a crash
             out[name] = f"failed: {type(e).__name__}: {str(e)[-400:]}"
     return out
+
+
+def host_ms(fn, calls: int = 20) -> float:
+    """Milliseconds of CPU time to issue one fn() (Python, dispatch, launches), measured with the GPU
+    synchronised before the calls and not waited for: when this nears the GPU time, an eager timing
+    measures the host, not the kernels."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
+def host_profile(fn, calls: int = 20, top: int = 15) -> list[str]:
+    """cProfile of issuing fn() `calls` times: the `top` functions by own time, as printed lines."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()]
+
+
+def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
+    """GPU time per fn() of each kernel it launches (torch.profiler), slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for evt in prof.key_averages():
+        if evt.device_type.name == "CUDA":
+            t = getattr(evt, "self_device_time_total", None)
+            t = getattr(evt, "self_cuda_time_total", 0) if t is None else t
+            if t > 0:
+                times[evt.key] = t / 1e3 / calls
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+CALL_CANDIDATES = [("dense", "auto"), ("local", "auto"), ("local", "flash"), ("column", "auto"), ("column", "axial")]
+
+
+def bench_call_costs(quick: bool = False, rounds: int = ROUNDS) -> dict:
+    """Where the time of one attention call goes, for each (pattern, backend) of CALL_CANDIDATES on the
+    attention-table shapes: eager and CUDA-graph medians over `rounds` fresh calls, the host's time to issue
+    one call, and the GPU time of each kernel (CUDA only)."""
+    rows = []
+    for label, grid, batch in ATTENTION_SHAPES:
+        for spec, backend in CALL_CANDIDATES:
+            row = {"shape": label, "N": grid.num_tokens, "batch": batch, "spec": spec, "backend": backend}
+            try:
+                calls = [attention_call(spec, grid, batch, backend=backend) for _ in range(rounds)]
+                row["eager_ms"] = [time_ms(c, quick) for c in calls]
+                row["graph_ms"] = [graph_time_ms(c, quick) for c in calls]
+                row["host_ms"] = host_ms(calls[0])
+                row["kernels"] = kernel_ms(calls[0])
+                row["host_profile"] = host_profile(calls[0])
+            except Exception as e:  # a candidate that cannot run is a result
+                row["error"] = f"{type(e).__name__}: {str(e)[-300:]}"
+            rows.append(row)
+            print({k: v for k, v in row.items() if k not in ("kernels", "host_profile")}, flush=True)
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "calls": rows}
+
+
+def format_call_costs(result: dict) -> str:
+    out = [(f"One attention call, forward+backward, bf16, 8 heads x 64: where its time goes ({result['device']}, "
+            f"torch {result['torch']}; each eager and graph time is a median, one per fresh call)"),
+           "| shape | pattern | backend | eager | CUDA graph | host, to issue | kernels (GPU time) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in result["calls"]:
+        if "error" in r:
+            out.append(f"| {r['shape']} | {r['spec']} | {r['backend']} | {r['error'][:120]} | | | |")
+            continue
+        kernels = ", ".join(f"{name[:40]} {ms:.3f}" for name, ms in list(r["kernels"].items())[:4])
+        out.append(f"| {r['shape']} | {r['spec']} | {r['backend']} | {_listed(r['eager_ms'])} | "
+                   f"{_listed(r['graph_ms'])} | {r['host_ms']:.3f} ms | {kernels} |")
+    return "\n".join(out)
 
 
 def attended_pairs(pattern: str, grid: Grid) -> int:

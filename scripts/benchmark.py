@@ -7,6 +7,7 @@
     python scripts/benchmark.py largest [--out largest.json]        # largest ImageNet-64 batch that trains (GPU)
     python scripts/benchmark.py profile [--model sparse] [--sizes 0]  # where one training step's GPU time goes
     python scripts/benchmark.py tune [--out tuning.json]            # launch settings of our Triton kernels (GPU)
+    python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
 
@@ -19,7 +20,7 @@ from imagegen import benchmark, train_benchmark
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile", "tune"])
+    parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile", "tune", "calls"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
@@ -28,13 +29,16 @@ def main():
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         help="train: torch.compile modes to time our models with (e.g. default max-autotune-no-cudagraphs)")
     args = parser.parse_args()
-    if args.what in ("largest", "tune") and not torch.cuda.is_available():
+    if args.what in ("largest", "tune", "calls") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
     if args.what == "tune":
         from imagegen import kernel_tuning
 
         result = kernel_tuning.tune()
         print(kernel_tuning.format_tuning(result))
+    elif args.what == "calls":
+        result = benchmark.bench_call_costs()
+        print(benchmark.format_call_costs(result))
     elif args.what == "attention":
         result = benchmark.bench_attention(quick=args.quick)
         print(benchmark.format_attention(result))

@@ -7,6 +7,7 @@
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
 #            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_TIMEOUT seconds)
 # tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
+# calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model)
 # (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
@@ -48,6 +49,7 @@ for stage in "$@"; do
              --sizes ${TRAIN_SIZES:-0 1 2} --compile-modes ${TRAIN_MODES:-default} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
+    calls) python scripts/benchmark.py calls --out "$OUT/calls.json" | tee "$OUT/calls.md" ;;
     tune) python scripts/benchmark.py tune --out "$OUT/tuning.json" | tee "$OUT/tuning.md" ;;
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
                python scripts/benchmark.py profile --model sparse --sizes "$size" --out "$OUT/profile_$size.json" \
