@@ -107,7 +107,7 @@ if triton is not None:
         return m_i, l_i, acc
 
     @triton.jit
-    def _fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
+    def _band_fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
         m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
@@ -156,7 +156,7 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+    def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                   sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   D: tl.constexpr):
         n0, bh, b, h, ks, d = _this_tile(H, BLOCK_N, D)
@@ -188,7 +188,7 @@ if triton is not None:
         return dq
 
     @triton.jit
-    def _bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+    def _band_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                 sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr):
         """dq of one query tile; it also computes and stores delta = rowsum(o * do) of its queries, which
@@ -217,12 +217,13 @@ def _bnh(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    window: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, H, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N)
     bm, bn, warps, stages = LAUNCH["fwd"]
-    _fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
+    _band_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
                                       LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps,
                                       num_stages=stages)
     return o, lse
@@ -246,11 +247,11 @@ def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
     bm, bn, warps, stages = LAUNCH["dq"]  # one program per query tile; writes delta first
-    _bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q), *_bnh(k),
+    _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q), *_bnh(k),
                                          *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales, BLOCK_M=bm,
                                          BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = LAUNCH["dkdv"]  # one program per key tile
-    _bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H, *_bnh(q),
+    _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H, *_bnh(q),
                                            *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dq), *scales, BLOCK_M=bm,
                                            BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
     return dq, dk, dv

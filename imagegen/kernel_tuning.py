@@ -4,7 +4,8 @@ For the band kernel of `local` (imagegen.band_attention) it searches each of its
 (forward, dk/dv, dq) over tile shapes, warps and pipeline stages, keeping the best so far for the others
 (coordinate descent); for the short-sequence kernel of `column` (imagegen.short_attention) it tries the
 warps of its forward and backward kernel. Every time is one attention call, forward + backward, on the
-shapes of the attention table, next to what `auto` runs today on the same shapes. The settings found
+shapes of the attention table, replayed as a CUDA graph (GPU time: an eager call of these kernels is
+bound by the host), next to what `auto` runs today on the same shapes. The settings found
 are printed, not applied: the defaults in those modules are edited by hand from a run's output.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from imagegen import band_attention, short_attention
 from imagegen.attention import Grid
-from imagegen.benchmark import ATTENTION_SHAPES, attention_call, time_ms
+from imagegen.benchmark import ATTENTION_SHAPES, attention_call, graph_time_ms
 
 BAND_CHOICES = [(bm, bn, warps, stages) for (bm, bn), warps, stages in
                 itertools.product([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))]
@@ -26,7 +27,8 @@ BWD_WARPS = (2, 4, 8)
 
 def _timed(spec: str, grid: Grid, batch: int, backend: str, quick: bool) -> float | str:
     try:
-        return time_ms(attention_call(spec, grid, batch, backend=backend), quick, warmup_ms=25, rep_ms=150)
+        # replayed as a CUDA graph: an eager call of these kernels is bound by the host (benchmark.py calls)
+        return graph_time_ms(attention_call(spec, grid, batch, backend=backend), quick=True)
     except Exception as e:  # a setting that does not fit (shared memory, registers) is a result
         return f"failed: {type(e).__name__}: {str(e)[:160]}"
 

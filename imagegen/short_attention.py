@@ -56,7 +56,7 @@ if triton is not None:
                        other=0.0)
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+    def _short_fwd(Q, K, V, O, LSE, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
                     so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr):
         pid, i0, i1, i2, s, d, inside = _this_sequence(n1, n2, S, BLOCK_S, D)
         q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
@@ -74,7 +74,7 @@ if triton is not None:
         tl.store(LSE + pid * BLOCK_S + s, m + tl.log(denom))
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3,
+    def _short_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3,
                     sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1, sg2, sg3, scale,
                     BLOCK_S: tl.constexpr, D: tl.constexpr):
         pid, i0, i1, i2, s, d, inside = _this_sequence(n1, n2, S, BLOCK_S, D)
@@ -118,7 +118,7 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (n0, S, n1, n2, D)
     block = _block(S)
     lse = torch.empty(n0 * n1 * n2 * block, dtype=torch.float32, device=q.device)
-    _fwd_kernel[(n0 * n1 * n2,)](
+    _short_fwd[(n0 * n1 * n2,)](
         q, k, v, o, lse, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *o.stride()[:4],
         1.0 / math.sqrt(D), BLOCK_S=block, D=D, num_warps=_warps(S))
     return o, lse
@@ -140,7 +140,7 @@ def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    _bwd_kernel[(n0 * n1 * n2,)](
+    _short_bwd[(n0 * n1 * n2,)](
         q, k, v, o, grad_out, lse, dq, dk, dv, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
         *o.stride()[:4], *grad_out.stride()[:4], *dq.stride()[:4], 1.0 / math.sqrt(D),
         BLOCK_S=_block(S), D=D, num_warps=_warps(S, "bwd"))

@@ -187,7 +187,7 @@ def format_train(result: dict) -> str:
 
 
 KERNEL_GROUPS = (  # (group, substrings of kernel names), first match wins
-    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("attention", ("flash", "fmha", "attention", "attn", "_band_", "_short_")),  # ours: imagegen.band/short_attention
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90", "sm80", "matmul", "aten::mm", "addmm", "bmm")),
     ("optimizer", ("adam", "multi_tensor")),
     ("compiled (Triton) fusions", ("triton",)),

@@ -211,11 +211,11 @@ def signature(kernel, constexprs):
     return types
 
 target = GPUTarget("cuda", 90, 32)  # Hopper (H100/H200)
-for kernel, constexprs in [(band._fwd, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
-                           (band._bwd_dkdv, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
-                           (band._bwd_dq, dict(BLOCK_M=128, BLOCK_N=64, D=64)),
-                           (short._fwd_kernel, dict(BLOCK_S=64, D=64)),
-                           (short._bwd_kernel, dict(BLOCK_S=64, D=64))]:
+for kernel, constexprs in [(band._band_fwd, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
+                           (band._band_bwd_dkdv, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
+                           (band._band_bwd_dq, dict(BLOCK_M=128, BLOCK_N=64, D=64)),
+                           (short._short_fwd, dict(BLOCK_S=64, D=64)),
+                           (short._short_bwd, dict(BLOCK_S=64, D=64))]:
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, constexprs), constexprs=constexprs),
                               target=target, options={"num_warps": 4, "num_stages": 3})
     assert "cubin" in compiled.asm, kernel.fn.__name__
