@@ -133,6 +133,11 @@ def head_to_head(summaries: list[dict]) -> str:
         if len(known) >= 2:
             best = min(known, key=known.get)
             out.append(f"- {axis}: {best} is lowest ({', '.join(f'{k} {v:.4f}' for k, v in known.items())})")
+        else:
+            late = [k for k, v in values.items() if v != v]
+            out.append(f"- {axis}: no common point: {', '.join(late)} had no validation yet at "
+                       f"{step if axis == 'per step' else seconds:.0f}{'' if axis == 'per step' else ' s'}, "
+                       "where the shortest run ended")
     out.append("(each run's validation curve, interpolated linearly between its validations)")
     return "\n".join(out)
 

@@ -28,3 +28,12 @@ def test_head_to_head_tells_per_step_from_per_second(tmp_path):
     assert "at step 300" in table and "at 900 s" in table  # the shorter run's last validation on each axis
     assert "| fast | 1.6000 | 0.8000 |" in table and "| slow | 1.2000 | 1.2000 |" in table
     assert "per step: slow is lowest" in table and "per second: fast is lowest" in table
+
+
+def test_head_to_head_says_when_the_runs_share_no_second(tmp_path):
+    # "fast" ends (300 s) before "slow" validates for the first time (1000 s): nothing to compare per second
+    write_run(tmp_path / "slow", "slow", 10.0, [2.0, 1.5])
+    write_run(tmp_path / "fast", "fast", 1.0, [2.2, 1.8, 1.6])
+    table = head_to_head([summarize(str(tmp_path / name)) for name in ("slow", "fast")])
+    assert "per step: slow is lowest" in table
+    assert "per second: no common point: slow had no validation yet at 300 s" in table
