@@ -142,6 +142,9 @@ def triton_row_attention(q, k, v, grid: Grid):
     return triton_axial_attention(q, k, v, grid, "row")
 
 
+_TRITON_KERNELS = {"column": triton_column_attention, "row": triton_row_attention, "local": triton_local_attention}
+
+
 @lru_cache(maxsize=32)
 def _band_mask(grid: Grid, rows: int, device: torch.device):
     """(H, 1, L, (rows+1)*L): query i of image row r against key j of the window starting at row r-rows."""
@@ -243,10 +246,9 @@ def _kernel(names: tuple[str, ...], backend: str, q: torch.Tensor | None = None,
     on_cuda = q is not None and q.is_cuda
     if backend == "reference":
         return None
-    ours = {"column": triton_column_attention, "row": triton_row_attention, "local": triton_local_attention}
     if backend == "triton" or (backend == "auto" and q is not None and grid is not None
                                and _triton_runs(single, q, grid)):
-        return ours.get(single)
+        return _TRITON_KERNELS.get(single)
     if backend == "flash" or (backend == "auto" and single == "local" and q is not None and flash_window_runs(q)):
         return flash_local_attention if single == "local" else None
     if backend == "flex" or (backend == "auto" and on_cuda and single not in ("dense", "row", "column")):

@@ -152,6 +152,13 @@ def host_profile(fn, calls: int = 20, top: int = 15) -> list[str]:
     return [line for line in text.getvalue().splitlines() if line.strip()]
 
 
+def self_device_us(event) -> float:
+    """A torch.profiler event's own GPU time in microseconds (the attribute's name differs across torch
+    versions)."""
+    t = getattr(event, "self_device_time_total", None)
+    return getattr(event, "self_cuda_time_total", 0) if t is None else t
+
+
 def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
     """GPU time per fn() of each kernel it launches (torch.profiler), slowest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -164,11 +171,8 @@ def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
         torch.cuda.synchronize()
     times = {}
     for evt in prof.key_averages():
-        if evt.device_type.name == "CUDA":
-            t = getattr(evt, "self_device_time_total", None)
-            t = getattr(evt, "self_cuda_time_total", 0) if t is None else t
-            if t > 0:
-                times[evt.key] = t / 1e3 / calls
+        if evt.device_type.name == "CUDA" and self_device_us(evt) > 0:
+            times[evt.key] = self_device_us(evt) / 1e3 / calls
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 

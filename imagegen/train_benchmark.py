@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from imagegen.benchmark import time_ms
+from imagegen.benchmark import self_device_us, time_ms
 from imagegen.model import ImageTransformer, ModelConfig
 from imagegen.patterns import parse_layout
 
@@ -224,8 +224,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
         if device == "cuda":  # GPU kernels only (operators would count their kernels twice)
             if evt.device_type.name != "CUDA":
                 continue
-            t = getattr(evt, "self_device_time_total", None)
-            t = getattr(evt, "self_cuda_time_total", 0) if t is None else t
+            t = self_device_us(evt)
         else:
             t = evt.self_cpu_time_total
         if t > 0:
