@@ -30,9 +30,8 @@ except ImportError:
     triton = None
 
 # Launch settings per kernel: (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages). `scripts/benchmark.py
-# tune` times the alternatives on the GPU; on an H200 2 stages took 4-7% off (benchmarks/h200c/final/tuning.md),
-# not adopted until the GPU exactness tests have run with it.
-LAUNCH = {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (64, 64, 4, 3)}
+# tune` times the alternatives on the GPU; on an H200 2 stages took 4-7% off 3 (benchmarks/h200c/final/tuning.md).
+LAUNCH = {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
 
 
 def band_attention_runs(q: torch.Tensor) -> bool:
