@@ -81,6 +81,10 @@ def summarize(run_dir: str) -> dict:
     label = "-".join(str(info[k]) for k in ("model", "size", "tokenizer") if k in info) or os.path.basename(run_dir)
     if info.get("devices", 1) > 1:
         label += f" x{info['devices']} devices"
+    if info.get("residual_dtype", "float32") != "float32":
+        label += f", {info['residual_dtype']} residual"
+    if info.get("compile_mode", "default") not in ("default", "off"):
+        label += f", {info['compile_mode']}"
     return {
         "run": run_dir,
         "label": label,

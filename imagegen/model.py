@@ -24,6 +24,9 @@ from imagegen.attention import Grid, attend, check_layout
 from imagegen.patterns import PatternParams, parse_layout
 
 
+RESIDUAL_DTYPES = ("float32", "autocast")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -39,6 +42,9 @@ class ModelConfig:
     pattern_params: dict = field(default_factory=dict)  # rows, block, summary (imagegen.patterns)
     backend: str = "auto"
     activation_checkpointing: bool = False
+    # float32: the residual stream stays fp32 under autocast (what nn.Module + autocast gives, the anchor's way);
+    # autocast: it is held in the autocast dtype (bf16), halving the norms' and residual adds' memory traffic
+    residual_dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("vocab_size", "height", "width", "channels", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -49,6 +55,8 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
         self.layout = [str(s) for s in ([self.layout] if isinstance(self.layout, str) else self.layout)]
         self.pattern_params = dict(self.pattern_params)
         specs = parse_layout(self.layout)
@@ -175,6 +183,9 @@ class ImageTransformer(nn.Module):
         x = self.tok_emb(tokens[:, :-1])  # (B, N-1, d): slot i+1 holds token i
         x = torch.cat([self.start.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, N, d)
         x = self.drop(x + self.position_embedding())
+        device = x.device.type
+        if self.cfg.residual_dtype == "autocast" and torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))  # the residual stream in bf16: norms still compute in fp32
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)

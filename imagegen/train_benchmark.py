@@ -61,18 +61,20 @@ def model_step_flops(model: ImageTransformer) -> float:
     return step_flops(model.num_params(), layers, cfg.n_embd, cfg.height, cfg.grid.row_len)
 
 
-def size_config(kind: str, size: tuple, activation_checkpointing: bool = False) -> ModelConfig:
+def size_config(kind: str, size: tuple, activation_checkpointing: bool = False,
+                residual_dtype: str = "float32") -> ModelConfig:
     """The ModelConfig of `kind` (dense or sparse) at a size tuple (label, vocab, H, W, C, layers, d, heads[,
     batch])."""
     _, V, H, W, C, n_layer, d, heads = size[:8]
     return ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
-                       layout=LAYOUTS[kind], activation_checkpointing=activation_checkpointing)
+                       layout=LAYOUTS[kind], activation_checkpointing=activation_checkpointing,
+                       residual_dtype=residual_dtype)
 
 
-def our_model(kind: str, size: tuple, device: str, compile_mode: str = "default"):
+def our_model(kind: str, size: tuple, device: str, compile_mode: str = "default", residual_dtype: str = "float32"):
     """Our model (`kind` = dense or sparse) at one of SIZES, and its loss as training runs it: compiled
     on a GPU, eager on a CPU."""
-    model = ImageTransformer(size_config(kind, size)).to(device)
+    model = ImageTransformer(size_config(kind, size, residual_dtype=residual_dtype)).to(device)
     return model, torch.compile(model.loss, mode=compile_mode) if device == "cuda" else model.loss
 
 
@@ -113,7 +115,15 @@ def load_anchor(path: str | Path):
     return module
 
 
-def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, compile_mode: str = "default") -> dict:
+def run_name(kind: str, compile_mode: str = "default", residual_dtype: str = "float32") -> str:
+    """A row's model column: `sparse`, `sparse, autocast residual`, `dense, reduce-overhead`, ..."""
+    extras = ([f"{residual_dtype} residual"] if residual_dtype != "float32" else []) + \
+        ([compile_mode] if compile_mode != "default" else [])
+    return ", ".join([kind] + extras)
+
+
+def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, compile_mode: str = "default",
+              residual_dtype: str = "float32") -> dict:
     label, V, H, W, C, n_layer, d, heads, batch = size
     n, row_len = H * W * C, W * C
     torch.manual_seed(0)
@@ -126,7 +136,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         params = sum(p.numel() for p in model.parameters()) - V * d - n * d
         flops = step_flops(params, ["dense"] * n_layer, d, H, row_len)
     else:
-        model, loss_fn = our_model(kind, size, device, compile_mode)
+        model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype)
         params = model.num_params()
         flops = model_step_flops(model)
     ms, mem, compile_s = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
@@ -138,14 +148,14 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         torch.cuda.empty_cache()
     torch._dynamo.reset()
     compiled_with = compile_mode if device == "cuda" and kind != "anchor" else "default"  # CPU: eager
-    name = kind if compiled_with == "default" else f"{kind}, {compile_mode}"
+    name = run_name(kind, compiled_with, residual_dtype)
     return {"size": label, "model": name, "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads,
             "params_M": params / 1e6, "ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
             "peak_mem_gib": mem, "warmup_s": compile_s}
 
 
 def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,
-                compile_modes: tuple[str, ...] = ("default",)) -> dict:
+                compile_modes: tuple[str, ...] = ("default",), residual_dtypes: tuple[str, ...] = ("float32",)) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     anchor = load_anchor(anchor_path) if anchor_path else None
     table = QUICK_SIZES if quick else SIZES
@@ -153,14 +163,16 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
     for i, size in enumerate(table):
         if sizes is not None and i not in sizes:
             continue
-        runs = [("anchor", "default")] if anchor else []
+        runs = [("anchor", "default", "float32")] if anchor else []
         modes = compile_modes if device == "cuda" else ("default",)  # nothing is compiled on a CPU
-        runs += [(kind, mode) for mode in modes for kind in ("dense", "sparse")]
-        for kind, mode in runs:
+        runs += [(kind, mode, residual) for mode in modes for residual in residual_dtypes
+                 for kind in ("dense", "sparse")]
+        for kind, mode, residual in runs:
             try:
-                rows.append(bench_one(kind, size, device, quick, anchor, mode))
+                rows.append(bench_one(kind, size, device, quick, anchor, mode, residual))
             except torch.OutOfMemoryError as e:  # a size that does not fit is a result, not a crash
-                rows.append({"size": size[0], "model": kind, "error": f"out of memory: {str(e)[:120]}"})
+                rows.append({"size": size[0], "model": run_name(kind, mode, residual),
+                             "error": f"out of memory: {str(e)[:120]}"})
             print(rows[-1], flush=True)
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "peak_flops": peak_flops(), "train": rows}
@@ -199,7 +211,8 @@ def kernel_group(name: str) -> str:
     return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
 
 
-def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False, steps: int = 5) -> dict:
+def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False, steps: int = 5,
+                 residual_dtype: str = "float32") -> dict:
     """Where one training step's GPU time goes: torch.profiler over `steps` compiled steps of our model,
     kernels summed by group (attention, matmul, Triton fusions, optimizer, other) and the top kernels.
     On a CPU (quick) it profiles the eager step's operators instead."""
@@ -208,7 +221,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = (QUICK_SIZES if quick else SIZES)[size_index]
     label, V, H, W, C, _, _, _, batch = size
-    model, loss_fn = our_model(kind, size, device)
+    model, loss_fn = our_model(kind, size, device, residual_dtype=residual_dtype)
     step = training_step(model, loss_fn, batch, H * W * C, V, device)
     for _ in range(3):  # compile and warm up outside the trace
         step()
@@ -235,7 +248,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     for k in kernels:
         groups[k["group"]] = groups.get(k["group"], 0.0) + k["ms_per_step"]
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "size": label, "model": kind, "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms,
+            "size": label, "model": run_name(kind, residual_dtype=residual_dtype), "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms,
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels}
 
 

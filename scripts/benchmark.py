@@ -6,6 +6,7 @@
                                                                      # training step: ours vs the anchor GPT
     python scripts/benchmark.py largest [--out largest.json]        # largest ImageNet-64 batch that trains (GPU)
     python scripts/benchmark.py profile [--model sparse] [--sizes 0]  # where one training step's GPU time goes
+    (train and profile: --residual-dtypes float32 autocast also times the bf16 residual stream)
     python scripts/benchmark.py tune [--out tuning.json]            # launch settings of our Triton kernels (GPU)
     python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
@@ -16,6 +17,7 @@ import argparse
 import torch
 
 from imagegen import benchmark, train_benchmark
+from imagegen.model import RESIDUAL_DTYPES
 
 
 def main():
@@ -28,6 +30,8 @@ def main():
     parser.add_argument("--model", default="sparse", choices=["dense", "sparse"], help="profile: which model")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         help="train: torch.compile modes to time our models with (e.g. default max-autotune-no-cudagraphs)")
+    parser.add_argument("--residual-dtypes", nargs="+", default=["float32"], choices=list(RESIDUAL_DTYPES),
+                        help="train: residual-stream dtypes to time our models with; profile: the first")
     args = parser.parse_args()
     if args.what in ("largest", "tune", "calls") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
@@ -46,14 +50,16 @@ def main():
         result = benchmark.bench_sampling(quick=args.quick)
         print(benchmark.format_sampling(result))
     elif args.what == "profile":
-        result = train_benchmark.profile_step(args.model, (args.sizes or [0])[0], quick=args.quick)
+        result = train_benchmark.profile_step(args.model, (args.sizes or [0])[0], quick=args.quick,
+                                              residual_dtype=args.residual_dtypes[0])
         print(train_benchmark.format_profile(result))
     elif args.what == "largest":
         result = train_benchmark.bench_largest()
         print(train_benchmark.format_largest(result))
     else:
         result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes,
-                                             compile_modes=tuple(args.compile_modes))
+                                             compile_modes=tuple(args.compile_modes),
+                                             residual_dtypes=tuple(args.residual_dtypes))
         print(train_benchmark.format_train(result))
     benchmark.save(result, args.out)
 

@@ -6,10 +6,11 @@ import json
 from imagegen.compare import head_to_head, summarize
 
 
-def write_run(path, label, seconds_per_step, values):
+def write_run(path, label, seconds_per_step, values, **info):
     """A run dir whose validations at steps 100, 200, ... gave `values`, at `seconds_per_step`."""
     path.mkdir()
-    (path / "run.json").write_text(json.dumps({"model": label, "metric": "val/bits_per_dim", "params": 1000}))
+    (path / "run.json").write_text(json.dumps({"model": label, "metric": "val/bits_per_dim", "params": 1000,
+                                               **info}))
     keys = ["step", "perf/tokens_seen", "perf/wall_clock_s", "val/bits_per_dim"]
     with open(path / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -37,3 +38,11 @@ def test_head_to_head_says_when_the_runs_share_no_second(tmp_path):
     table = head_to_head([summarize(str(tmp_path / name)) for name in ("slow", "fast")])
     assert "per step: slow is lowest" in table
     assert "per second: no common point: slow had no validation yet at 300 s" in table
+
+
+def test_runs_of_one_model_are_told_apart_by_their_settings(tmp_path):
+    write_run(tmp_path / "a", "sparse", 1.0, [2.0], compile_mode="default", residual_dtype="float32")
+    write_run(tmp_path / "b", "sparse", 1.0, [2.0], compile_mode="reduce-overhead", residual_dtype="autocast")
+    write_run(tmp_path / "c", "sparse", 1.0, [2.0], compile_mode="off", residual_dtype="float32")
+    labels = [summarize(str(tmp_path / name))["label"] for name in "abc"]
+    assert labels == ["sparse", "sparse, autocast residual, reduce-overhead", "sparse"]

@@ -53,3 +53,17 @@ def test_option_composes_and_instantiates(group, option, tiny_cfg, tmp_path):
         return
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=build_callbacks(cfg), default_root_dir=str(tmp_path))
     assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_residual_dtype_reaches_the_model(model, tiny_cfg):
+    """model.residual_dtype is a key of every model option, passed through to the model; a bad one fails
+    when the config is built."""
+    default = tiny_cfg(f"model={model}")
+    tokenizer = build_tokenizer(default.tokenizer)
+    assert default.model.residual_dtype == "float32"
+    assert model_config(default, tokenizer).residual_dtype == "float32"
+    cfg = tiny_cfg(f"model={model}", "model.residual_dtype=autocast")
+    assert model_config(cfg, tokenizer).residual_dtype == "autocast"
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        model_config(tiny_cfg(f"model={model}", "model.residual_dtype=bf16"), tokenizer)

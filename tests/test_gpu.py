@@ -98,6 +98,27 @@ def test_compiled_model_trains_in_bf16(width, channels, backend):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_compiled_autocast_residual_stream_matches_fp32_stream():
+    """model.residual_dtype=autocast (bf16 residual stream), compiled: the loss and the gradients stay within
+    bf16 rounding of the fp32 stream's, eager."""
+    from imagegen.model import ImageTransformer, ModelConfig
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=64, height=8, width=16, channels=3, n_layer=4, n_head=2, n_embd=64, layout=["local", "column"])
+    reference = ImageTransformer(ModelConfig(**kw)).cuda()
+    model = ImageTransformer(ModelConfig(**kw, residual_dtype="autocast")).cuda()
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 64, (4, model.grid.num_tokens), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        ref_loss, loss = reference.loss(tokens), torch.compile(model.loss)(tokens)
+    ref_loss.backward(), loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 2e-2
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        err = ((p.grad - r.grad).norm() / r.grad.norm()).item()
+        assert err < 5e-2, (name, err)
+    print(f"bf16 residual stream, compiled: loss {loss.item():.4f} vs {ref_loss.item():.4f}")
+
+
 @pytest.mark.parametrize("layout", [["dense"], ["local", "column"], ["local|column"], ["strided"]], ids=str)
 def test_cuda_graph_decoding_equals_full_forward(layout):
     """The captured decode step (static caches, device-side position, one graph per key span) gives the

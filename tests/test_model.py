@@ -74,7 +74,7 @@ def test_wrong_grid_is_a_clear_error():
 
 
 @pytest.mark.parametrize("bad", [dict(n_layer=0), dict(n_embd=-8), dict(height=0), dict(n_head=3),
-                                 dict(layout=["diagonal"]), dict(layout=[])])
+                                 dict(layout=["diagonal"]), dict(layout=[]), dict(residual_dtype="bfloat16")])
 def test_bad_model_config_fails(bad):
     kw = dict(vocab_size=11, height=4, width=4, n_layer=2, n_head=2, n_embd=16, layout=["dense"]) | bad
     with pytest.raises(ValueError):
@@ -89,3 +89,27 @@ def test_activation_checkpointing_gives_the_same_gradients():
     a.loss(tokens).backward(), b.loss(tokens).backward()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("residual_dtype,expected", [("float32", torch.float32), ("autocast", torch.bfloat16)])
+def test_residual_stream_dtype_under_autocast(residual_dtype, expected):
+    """residual_dtype=autocast holds the stream between blocks in the autocast dtype (bf16) and nothing
+    else: the loss stays within bf16 rounding of the fp32 stream's, and without autocast they are equal."""
+    torch.manual_seed(0)
+    reference = tiny_model(["local", "column"])
+    model = tiny_model(["local", "column"])
+    model.cfg.residual_dtype = residual_dtype
+    model.load_state_dict(reference.state_dict())
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    tokens = torch.randint(0, 11, (2, model.grid.num_tokens))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, ref_loss = model.loss(tokens), reference.loss(tokens)
+    assert seen == [expected] * len(model.blocks)
+    assert abs(loss.item() - ref_loss.item()) < 2e-2
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    seen.clear()
+    assert torch.equal(model.loss(tokens), reference.loss(tokens))  # no autocast: fp32 throughout
+    assert seen == [torch.float32] * len(model.blocks)
