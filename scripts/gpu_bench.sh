@@ -5,12 +5,17 @@
 # sample:    the anchor samplers (ANCHORS/sample_bench.py), then scripts/benchmark.py sample
 # train:     scripts/benchmark.py train with the anchor GPT (ANCHORS/model_bench.py) in the same process
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
-#            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_TIMEOUT seconds)
+#            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_RESIDUALS: residual-stream
+#            dtypes, default "float32", e.g. "float32 autocast"; TRAIN_TIMEOUT seconds)
 # tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
+#            (PROFILE_RESIDUAL: the residual-stream dtype, default float32)
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model)
 # (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
+# runs:      scripts/train.py itself (model=RUN_MODEL, default sparse, RUN_STEPS steps, default 400), once per
+#            RUN_VARIANTS entry (overrides joined by commas; default: compile_mode=default, compile_mode=reduce-overhead,
+#            model.residual_dtype=autocast), then compare.py: a real run's tokens/s and validation side by side
 # ddp:       model=sparse on 1 GPU, then DDP on 2 GPUs (DDP_STEPS steps each), compared (2-GPU machine)
 # emoji:     experiment=emoji for each of EMOJI_MODELS (default "dense sparse"; EMOJI_DIR=the 64x64 PNGs,
 #            EMOJI_TIME=trainer.max_time), at the same time on one GPU each when the machine has enough
@@ -47,16 +52,27 @@ for stage in "$@"; do
             python scripts/benchmark.py sample --out "$OUT/sampling.json" | tee "$OUT/sampling.md" ;;
     train) timeout "${TRAIN_TIMEOUT:-3600}" python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" \
              --sizes ${TRAIN_SIZES:-0 1 2} --compile-modes ${TRAIN_MODES:-default} \
+             --residual-dtypes ${TRAIN_RESIDUALS:-float32} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
     calls) python scripts/benchmark.py calls --out "$OUT/calls.json" | tee "$OUT/calls.md" ;;
     tune) python scripts/benchmark.py tune --out "$OUT/tuning.json" | tee "$OUT/tuning.md" ;;
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
-               python scripts/benchmark.py profile --model sparse --sizes "$size" --out "$OUT/profile_$size.json" \
+               python scripts/benchmark.py profile --model sparse --sizes "$size" \
+                 --residual-dtypes "${PROFILE_RESIDUAL:-float32}" --out "$OUT/profile_$size.json" \
                  2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \
              > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"
            grep -E "bf16|passed|failed|Error|assert" "$OUT/gpu_tests.log" | tail -n 60 ;;
+    runs) export WANDB_MODE=offline; dirs=""
+          for variant in ${RUN_VARIANTS:-compile_mode=default compile_mode=reduce-overhead model.residual_dtype=autocast}; do
+            name=run_$(echo "$variant" | tr -c 'a-zA-Z0-9\n' '_'); dir=/tmp/$name
+            python scripts/train.py model=${RUN_MODEL:-sparse} trainer.max_steps=${RUN_STEPS:-400} \
+              trainer.val_check_interval=${RUN_STEPS:-400} callbacks.sample_grid.every_n_steps=0 \
+              ${variant//,/ } hydra.run.dir=$dir ${RUN_ARGS:-} > "$OUT/$name.log" 2>&1; echo "$variant: exit $?"
+            mkdir -p "$OUT/$name"; cp $dir/metrics.csv $dir/run.json "$OUT/$name/"; dirs="$dirs $dir"
+          done
+          python scripts/compare.py $dirs --out "$OUT/runs.png" | tee "$OUT/runs.md" ;;
     ddp) export WANDB_MODE=offline
          for n in 1 2; do
            python scripts/train.py trainer=ddp trainer.devices=$n model=sparse trainer.max_steps=${DDP_STEPS:-300} \
