@@ -45,3 +45,13 @@ def test_kernel_tuning_keeps_the_fastest_setting_per_key_and_restores_the_defaul
     assert found["best"] == {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (128, 64, 8, 3)}
     assert found["tried"]["dkdv"][str((128, 128, 4, 2))].startswith("failed")
     assert band_attention.LAUNCH == band_defaults and short_attention.LAUNCH == short_defaults
+
+
+def test_train_benchmark_times_each_residual_dtype(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "train", "--quick", "--sizes", "0",
+                           "--residual-dtypes", "float32", "autocast", "--out", str(tmp_path / "train.json")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
+    assert names == ["dense", "sparse", "dense, autocast residual", "sparse, autocast residual"]
+    assert "| ours, sparse, autocast residual |" in done.stdout
