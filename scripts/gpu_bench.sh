@@ -12,10 +12,11 @@
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 #            (PROFILE_RESIDUAL: the residual-stream dtype, default float32)
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model)
-# (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
 # runs:      scripts/train.py itself (model=RUN_MODEL, default sparse, RUN_STEPS steps, default 400), once per
 #            RUN_VARIANTS entry (overrides joined by commas; default: compile_mode=default, compile_mode=reduce-overhead,
 #            model.residual_dtype=autocast), then compare.py: a real run's tokens/s and validation side by side
+#            (RUN_ARGS adds overrides to each; more than 8 files come out, so PACK=1 on the device tool)
+# (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
 # ddp:       model=sparse on 1 GPU, then DDP on 2 GPUs (DDP_STEPS steps each), compared (2-GPU machine)
 # emoji:     experiment=emoji for each of EMOJI_MODELS (default "dense sparse"; EMOJI_DIR=the 64x64 PNGs,
 #            EMOJI_TIME=trainer.max_time), at the same time on one GPU each when the machine has enough
