@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import torch
 
@@ -32,8 +33,6 @@ def time_ms(fn, quick: bool = False, warmup_ms: int = 100, rep_ms: int = 500) ->
     """Median milliseconds of fn(): CUDA-event timings on a GPU (warm-up and repetition budgets in ms;
     quick: 25 and 100), a rough wall-clock median on a CPU."""
     if not torch.cuda.is_available():  # CPU: a rough wall-clock median, for --quick smoke runs only
-        import time
-
         fn()
         ts = []
         for _ in range(1 if quick else 5):
@@ -121,8 +120,6 @@ def host_ms(fn, calls: int = 20) -> float:
     """Milliseconds of CPU time to issue one fn() (Python, dispatch, launches), measured with the GPU
     synchronised before the calls and not waited for: when this nears the GPU time, an eager timing
     measures the host, not the kernels."""
-    import time
-
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -345,8 +342,6 @@ def save(result: dict, path: str | None) -> None:
 def bench_sampling(quick: bool = False) -> dict:
     """Seconds to sample 64 images of 64x64 palette tokens from a 12-layer d=512 model (random weights:
     the cost does not depend on them), our dense and sparse layouts, bf16, SDPA backend pinned, CUDA graphs."""
-    import time
-
     from imagegen.model import ImageTransformer, ModelConfig
     from imagegen.sampling import Sampler
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from imagegen.benchmark import self_device_us, time_ms
+from imagegen.compare import with_settings
 from imagegen.model import ImageTransformer, ModelConfig
 from imagegen.patterns import parse_layout
 
@@ -115,13 +116,6 @@ def load_anchor(path: str | Path):
     return module
 
 
-def run_name(kind: str, compile_mode: str = "default", residual_dtype: str = "float32") -> str:
-    """A row's model column: `sparse`, `sparse, autocast residual`, `dense, reduce-overhead`, ..."""
-    extras = ([f"{residual_dtype} residual"] if residual_dtype != "float32" else []) + \
-        ([compile_mode] if compile_mode != "default" else [])
-    return ", ".join([kind] + extras)
-
-
 def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, compile_mode: str = "default",
               residual_dtype: str = "float32") -> dict:
     label, V, H, W, C, n_layer, d, heads, batch = size
@@ -148,7 +142,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         torch.cuda.empty_cache()
     torch._dynamo.reset()
     compiled_with = compile_mode if device == "cuda" and kind != "anchor" else "default"  # CPU: eager
-    name = run_name(kind, compiled_with, residual_dtype)
+    name = with_settings(kind, compiled_with, residual_dtype)
     return {"size": label, "model": name, "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads,
             "params_M": params / 1e6, "ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
             "peak_mem_gib": mem, "warmup_s": compile_s}
@@ -171,7 +165,7 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
             try:
                 rows.append(bench_one(kind, size, device, quick, anchor, mode, residual))
             except torch.OutOfMemoryError as e:  # a size that does not fit is a result, not a crash
-                rows.append({"size": size[0], "model": run_name(kind, mode, residual),
+                rows.append({"size": size[0], "model": with_settings(kind, mode, residual),
                              "error": f"out of memory: {str(e)[:120]}"})
             print(rows[-1], flush=True)
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
@@ -248,8 +242,8 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     for k in kernels:
         groups[k["group"]] = groups.get(k["group"], 0.0) + k["ms_per_step"]
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "size": label, "model": run_name(kind, residual_dtype=residual_dtype), "N": H * W * C, "batch": batch,
-            "timed_ms_per_step": timed_ms,
+            "size": label, "model": with_settings(kind, residual_dtype=residual_dtype), "N": H * W * C,
+            "batch": batch, "timed_ms_per_step": timed_ms,
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels}
 
 
