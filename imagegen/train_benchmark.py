@@ -149,7 +149,8 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
 
 
 def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,
-                compile_modes: tuple[str, ...] = ("default",), residual_dtypes: tuple[str, ...] = ("float32",)) -> dict:
+                compile_modes: tuple[str, ...] = ("default",), residual_dtypes: tuple[str, ...] = ("float32",),
+                models: tuple[str, ...] = ("dense", "sparse")) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     anchor = load_anchor(anchor_path) if anchor_path else None
     table = QUICK_SIZES if quick else SIZES
@@ -160,7 +161,7 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
         runs = [("anchor", "default", "float32")] if anchor else []
         modes = compile_modes if device == "cuda" else ("default",)  # nothing is compiled on a CPU
         runs += [(kind, mode, residual) for mode in modes for residual in residual_dtypes
-                 for kind in ("dense", "sparse")]
+                 for kind in models]
         for kind, mode, residual in runs:
             try:
                 rows.append(bench_one(kind, size, device, quick, anchor, mode, residual))

@@ -28,6 +28,8 @@ def main():
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
     parser.add_argument("--sizes", type=int, nargs="+", help="train: which of the sizes to run (0, 1, 2); profile: the first")
     parser.add_argument("--model", default="sparse", choices=["dense", "sparse"], help="profile: which model")
+    parser.add_argument("--models", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
+                        help="train: which of our models to time beside the anchor")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
                         help="train: torch.compile modes to time our models with (e.g. default max-autotune-no-cudagraphs)")
     parser.add_argument("--residual-dtypes", nargs="+", default=["float32"], choices=list(RESIDUAL_DTYPES),
@@ -59,7 +61,8 @@ def main():
     else:
         result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes,
                                              compile_modes=tuple(args.compile_modes),
-                                             residual_dtypes=tuple(args.residual_dtypes))
+                                             residual_dtypes=tuple(args.residual_dtypes),
+                                             models=tuple(args.models))
         print(train_benchmark.format_train(result))
     benchmark.save(result, args.out)
 

@@ -6,7 +6,8 @@
 # train:     scripts/benchmark.py train with the anchor GPT (ANCHORS/model_bench.py) in the same process
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
 #            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_RESIDUALS: residual-stream
-#            dtypes, default "float32", e.g. "float32 autocast"; TRAIN_TIMEOUT seconds)
+#            dtypes, default "float32", e.g. "float32 autocast"; TRAIN_MODELS: which of ours, default "dense sparse";
+#            TRAIN_TIMEOUT seconds)
 # tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
@@ -53,7 +54,7 @@ for stage in "$@"; do
             python scripts/benchmark.py sample --out "$OUT/sampling.json" | tee "$OUT/sampling.md" ;;
     train) timeout "${TRAIN_TIMEOUT:-3600}" python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" \
              --sizes ${TRAIN_SIZES:-0 1 2} --compile-modes ${TRAIN_MODES:-default} \
-             --residual-dtypes ${TRAIN_RESIDUALS:-float32} \
+             --residual-dtypes ${TRAIN_RESIDUALS:-float32} --models ${TRAIN_MODELS:-dense sparse} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
     calls) python scripts/benchmark.py calls --out "$OUT/calls.json" | tee "$OUT/calls.md" ;;
