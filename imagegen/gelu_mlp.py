@@ -34,7 +34,8 @@ except ImportError:
 BLOCK_K = 64
 
 # Launch settings tried by Triton's autotuner on the first call of each shape: (BLOCK_M, BLOCK_N, warps, stages).
-CONFIGS = [(128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
+CONFIGS = [(128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 256, 8, 4), (256, 128, 8, 4),
+           (128, 64, 4, 4), (64, 128, 4, 4)]
 
 
 def gelu_mlp_runs(x: torch.Tensor, hidden: int) -> bool:
@@ -106,6 +107,11 @@ if triton is not None:
                                num_stages=s) for bm, bn, w, s in CONFIGS],
         key=["M", "N", "K", "BACKWARD"],
     )(_gemm_gelu)
+
+
+def tuned_configs() -> dict[str, str]:
+    """The launch setting the autotuner chose for each (M, N, K, backward) it has seen."""
+    return {str(key): str(config) for key, config in _autotuned.cache.items()} if triton is not None else {}
 
 
 # The launch settings used when not autotuning (Triton's CPU interpreter, tests): the first config.
