@@ -55,12 +55,3 @@ def test_train_benchmark_times_each_residual_dtype(tmp_path):
     names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
     assert names == ["dense", "sparse", "dense, autocast residual", "sparse, autocast residual"]
     assert "| ours, sparse, autocast residual |" in done.stdout
-
-
-def test_train_benchmark_times_each_mlp_backend_of_the_chosen_models(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "train", "--quick", "--sizes", "0",
-                           "--models", "sparse", "--mlp-backends", "torch", "triton",
-                           "--out", str(tmp_path / "train.json")], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
-    assert names == ["sparse", "sparse, triton MLP"]
