@@ -227,8 +227,12 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
             step()
         if device == "cuda":
             torch.cuda.synchronize()
-    kernels = []
+    kernels, operators = [], []
     for evt in prof.key_averages():
+        launched = getattr(evt, "device_time_total", None)  # its kernels' GPU time (named cuda_ before torch 2.4)
+        launched = getattr(evt, "cuda_time_total", 0) if launched is None else launched
+        if device == "cuda" and evt.device_type.name == "CPU" and evt.key.startswith("aten::") and launched > 0:
+            operators.append({"name": evt.key, "ms_per_step": launched / 1e3 / steps, "calls_per_step": evt.count / steps})
         if device == "cuda":  # GPU kernels only (operators would count their kernels twice)
             if evt.device_type.name != "CUDA":
                 continue
@@ -239,13 +243,15 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
             kernels.append({"name": evt.key, "group": kernel_group(evt.key), "ms_per_step": t / 1e3 / steps,
                             "calls_per_step": evt.count / steps})
     kernels.sort(key=lambda k: -k["ms_per_step"])
+    operators.sort(key=lambda k: -k["ms_per_step"])
     groups: dict[str, float] = {}
     for k in kernels:
         groups[k["group"]] = groups.get(k["group"], 0.0) + k["ms_per_step"]
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "size": label, "model": with_settings(kind, residual_dtype=residual_dtype), "N": H * W * C,
             "batch": batch, "timed_ms_per_step": timed_ms,
-            "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels}
+            "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
+            "operators": operators}
 
 
 def format_profile(result: dict, top: int = 25) -> str:
@@ -262,6 +268,10 @@ def format_profile(result: dict, top: int = 25) -> str:
             f"Top {top} kernels", "| kernel | group | ms/step | calls/step |", "|---|---|---|---|"]
     for k in result["kernels"][:top]:
         out.append(f"| `{k['name'][:90]}` | {k['group']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |")
+    if result.get("operators"):  # the kernels outside Inductor's own: cuBLAS, reductions, our custom ops
+        out += ["", "ATen operators that launched kernels (GPU time of their kernels; nested operators count twice)",
+                "| operator | ms/step | calls/step |", "|---|---|---|"]
+        out += [f"| `{o['name']}` | {o['ms_per_step']:.3f} | {o['calls_per_step']:.0f} |" for o in result["operators"][:top]]
     return "\n".join(out)
 
 

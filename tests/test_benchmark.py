@@ -55,3 +55,18 @@ def test_train_benchmark_times_each_residual_dtype(tmp_path):
     names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
     assert names == ["dense", "sparse", "dense, autocast residual", "sparse, autocast residual"]
     assert "| ours, sparse, autocast residual |" in done.stdout
+
+
+def test_profile_table_names_the_operators_behind_kernels():
+    """On a GPU the profile also lists the ATen operators that launched kernels (e.g. what a reduction kernel
+    outside Inductor's fusions belongs to); the table shows them with their calls per step."""
+    from imagegen.train_benchmark import format_profile
+
+    result = {"model": "sparse", "size": "s", "N": 16, "batch": 2, "device": "GPU", "torch": "2.x",
+              "timed_ms_per_step": 2.0, "launches_per_step": 3, "groups": {"matmul": 1.0, "other": 0.5},
+              "kernels": [{"name": "reduce_kernel", "group": "other", "ms_per_step": 0.5, "calls_per_step": 50}],
+              "operators": [{"name": "aten::sum", "ms_per_step": 0.5, "calls_per_step": 50}]}
+    text = format_profile(result)
+    assert "| `aten::sum` | 0.500 | 50 |" in text
+    del result["operators"]
+    assert "ATen operators" not in format_profile(result)
