@@ -234,8 +234,8 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
         if device == "cuda" and evt.device_type.name == "CPU" and evt.key.startswith("aten::") and launched > 0:
             operators.append({"name": evt.key, "ms_per_step": launched / 1e3 / steps, "calls_per_step": evt.count / steps})
         if device == "cuda":  # GPU kernels only (operators would count their kernels twice)
-            if evt.device_type.name != "CUDA":
-                continue
+            if evt.device_type.name != "CUDA" or "#" in evt.key:  # '#': a range such as Optimizer.step#AdamW.step
+                continue                                          # spans kernels that are counted themselves
             t = self_device_us(evt)
         else:
             t = evt.self_cpu_time_total
