@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import time
 from pathlib import Path
 
@@ -201,6 +202,11 @@ KERNEL_GROUPS = (  # (group, substrings of kernel names), first match wins
 )
 
 
+# A user annotation's GPU range, e.g. Optimizer.step#AdamW.step: it spans kernels that are counted themselves
+# (kernel names may hold '#' too, as in C++ lambdas `{lambda(float, float)#1}`, but never only word characters)
+ANNOTATION = re.compile(r"^[\w.]+#[\w.]+$")
+
+
 def kernel_group(name: str) -> str:
     low = name.lower()
     return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
@@ -234,8 +240,8 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
         if device == "cuda" and evt.device_type.name == "CPU" and evt.key.startswith("aten::") and launched > 0:
             operators.append({"name": evt.key, "ms_per_step": launched / 1e3 / steps, "calls_per_step": evt.count / steps})
         if device == "cuda":  # GPU kernels only (operators would count their kernels twice)
-            if evt.device_type.name != "CUDA" or "#" in evt.key:  # '#': a range such as Optimizer.step#AdamW.step
-                continue                                          # spans kernels that are counted themselves
+            if evt.device_type.name != "CUDA" or ANNOTATION.match(evt.key):
+                continue
             t = self_device_us(evt)
         else:
             t = evt.self_cpu_time_total

@@ -70,3 +70,11 @@ def test_profile_table_names_the_operators_behind_kernels():
     assert "| `aten::sum` | 0.500 | 50 |" in text
     del result["operators"]
     assert "ATen operators" not in format_profile(result)
+
+
+def test_profile_leaves_out_annotation_ranges_but_keeps_kernels_named_with_lambdas():
+    from imagegen.train_benchmark import ANNOTATION
+
+    assert ANNOTATION.match("Optimizer.step#AdamW.step")
+    kernel = "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float, {lambda(float, float)#1}> >"
+    assert not ANNOTATION.match(kernel)
