@@ -235,10 +235,12 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
             torch.cuda.synchronize()
     kernels, operators = [], []
     for evt in prof.key_averages():
-        launched = getattr(evt, "device_time_total", None)  # its kernels' GPU time (named cuda_ before torch 2.4)
-        launched = getattr(evt, "cuda_time_total", 0) if launched is None else launched
-        if device == "cuda" and evt.device_type.name == "CPU" and evt.key.startswith("aten::") and launched > 0:
-            operators.append({"name": evt.key, "ms_per_step": launched / 1e3 / steps, "calls_per_step": evt.count / steps})
+        if device == "cuda" and evt.device_type.name == "CPU" and evt.key.startswith("aten::"):
+            launched = getattr(evt, "device_time_total", None)  # its kernels' GPU time (cuda_time_total before 2.4)
+            launched = getattr(evt, "cuda_time_total", 0) if launched is None else launched
+            if launched > 0:
+                operators.append({"name": evt.key, "ms_per_step": launched / 1e3 / steps,
+                                  "calls_per_step": evt.count / steps})
         if device == "cuda":  # GPU kernels only (operators would count their kernels twice)
             if evt.device_type.name != "CUDA" or ANNOTATION.match(evt.key):
                 continue
@@ -274,10 +276,11 @@ def format_profile(result: dict, top: int = 25) -> str:
             f"Top {top} kernels", "| kernel | group | ms/step | calls/step |", "|---|---|---|---|"]
     for k in result["kernels"][:top]:
         out.append(f"| `{k['name'][:90]}` | {k['group']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |")
-    if result.get("operators"):  # the kernels outside Inductor's own: cuBLAS, reductions, our custom ops
+    if result.get("operators"):  # kernels launched through ATen, not Inductor's: cuBLAS GEMMs, reductions, AdamW
         out += ["", "ATen operators that launched kernels (GPU time of their kernels; nested operators count twice)",
                 "| operator | ms/step | calls/step |", "|---|---|---|"]
-        out += [f"| `{o['name']}` | {o['ms_per_step']:.3f} | {o['calls_per_step']:.0f} |" for o in result["operators"][:top]]
+        out += [f"| `{o['name']}` | {o['ms_per_step']:.3f} | {o['calls_per_step']:.0f} |"
+                for o in result["operators"][:top]]
     return "\n".join(out)
 
 
