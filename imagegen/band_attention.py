@@ -253,7 +253,7 @@ def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                                          BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = LAUNCH["dkdv"]  # one program per key tile
     _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H, *_bnh(q),
-                                           *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dq), *scales, BLOCK_M=bm,
+                                           *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales, BLOCK_M=bm,
                                            BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 

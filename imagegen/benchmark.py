@@ -149,11 +149,12 @@ def host_profile(fn, calls: int = 20, top: int = 15) -> list[str]:
     return [line for line in text.getvalue().splitlines() if line.strip()]
 
 
-def self_device_us(event) -> float:
-    """A torch.profiler event's own GPU time in microseconds (the attribute's name differs across torch
-    versions)."""
-    t = getattr(event, "self_device_time_total", None)
-    return getattr(event, "self_cuda_time_total", 0) if t is None else t
+def self_device_us(event, own: bool = True) -> float:
+    """A torch.profiler event's own GPU time in microseconds, or with own=False that of all the kernels it
+    launched (the attributes' names differ across torch versions: cuda_ before device_)."""
+    prefix = "self_" if own else ""
+    t = getattr(event, f"{prefix}device_time_total", None)
+    return getattr(event, f"{prefix}cuda_time_total", 0) if t is None else t
 
 
 def kernel_ms(fn, calls: int = 5) -> dict[str, float]:

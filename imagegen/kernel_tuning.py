@@ -25,7 +25,7 @@ FWD_WARPS = (1, 2, 4, 8)
 BWD_WARPS = (2, 4, 8)
 
 
-def _timed(spec: str, grid: Grid, batch: int, backend: str, quick: bool) -> float | str:
+def _timed(spec: str, grid: Grid, batch: int, backend: str) -> float | str:
     try:
         # replayed as a CUDA graph: an eager call of these kernels is bound by the host (benchmark.py calls)
         return graph_time_ms(attention_call(spec, grid, batch, backend=backend), quick=True)
@@ -48,10 +48,10 @@ def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batc
             times = {}
             for choice in choices[:2] if quick else choices:
                 launch[key] = choice
-                times[choice] = _timed(spec, grid, batch, "triton", quick)
+                times[choice] = _timed(spec, grid, batch, "triton")
             launch[key] = _best(times)
             tried[key] = {str(k): v for k, v in times.items()}
-        return {"tried": tried, "best": dict(launch), "best_ms": _timed(spec, grid, batch, "triton", quick)}
+        return {"tried": tried, "best": dict(launch), "best_ms": _timed(spec, grid, batch, "triton")}
     finally:
         launch.update(saved)
 
@@ -71,10 +71,10 @@ def tune(quick: bool = False) -> dict:
     rows = []
     for label, grid, batch in ATTENTION_SHAPES:
         row = {"shape": label, "N": grid.num_tokens, "batch": batch,
-               "auto_local": _timed("local", grid, batch, "auto", quick),
-               "auto_column": _timed("column", grid, batch, "auto", quick),
-               "triton_local_default": _timed("local", grid, batch, "triton", quick),
-               "triton_column_default": _timed("column", grid, batch, "triton", quick),
+               "auto_local": _timed("local", grid, batch, "auto"),
+               "auto_column": _timed("column", grid, batch, "auto"),
+               "triton_local_default": _timed("local", grid, batch, "triton"),
+               "triton_column_default": _timed("column", grid, batch, "triton"),
                "band": tune_band(grid, batch, quick), "short": tune_short(grid, batch, quick)}
         rows.append(row)
         print({k: v for k, v in row.items() if k not in ("band", "short")}, flush=True)

@@ -236,8 +236,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     kernels, operators = [], []
     for evt in prof.key_averages():
         if device == "cuda" and evt.device_type.name == "CPU" and evt.key.startswith("aten::"):
-            launched = getattr(evt, "device_time_total", None)  # its kernels' GPU time (cuda_time_total before 2.4)
-            launched = getattr(evt, "cuda_time_total", 0) if launched is None else launched
+            launched = self_device_us(evt, own=False)  # the GPU time of the kernels it launched
             if launched > 0:
                 operators.append({"name": evt.key, "ms_per_step": launched / 1e3 / steps,
                                   "calls_per_step": evt.count / steps})

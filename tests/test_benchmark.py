@@ -34,7 +34,7 @@ def test_kernel_tuning_keeps_the_fastest_setting_per_key_and_restores_the_defaul
 
     band_defaults, short_defaults = dict(band_attention.LAUNCH), dict(short_attention.LAUNCH)
 
-    def fake_time(spec, grid, batch, backend, quick):
+    def fake_time(spec, grid, batch, backend):
         launch = band_attention.LAUNCH
         if launch["dkdv"][:2] == (128, 128):
             return "failed: OutOfResources"
