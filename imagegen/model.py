@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from imagegen.attention import Grid, attend, check_layout
+from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
 from imagegen.patterns import PatternParams, parse_layout
 
 
 RESIDUAL_DTYPES = ("float32", "autocast")
+MLP_BACKENDS = ("torch", "cublaslt")
 
 
 @dataclass
@@ -45,6 +47,9 @@ class ModelConfig:
     # float32: the residual stream stays fp32 under autocast (what nn.Module + autocast gives, the anchor's way);
     # autocast: it is held in the autocast dtype (bf16), halving the norms' and residual adds' memory traffic
     residual_dtype: str = "float32"
+    # torch: fc, GELU, proj as separate ops (torch.compile fuses what it can); cublaslt: the forward GELU computed
+    # in the fc GEMM's cuBLASLt epilogue (imagegen.gelu_mlp) where it runs (CUDA, bf16/fp16), else the torch path
+    mlp_backend: str = "torch"
 
     def __post_init__(self):
         for name in ("vocab_size", "height", "width", "channels", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -57,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
+        if self.mlp_backend not in MLP_BACKENDS:
+            raise ValueError(f"mlp_backend must be one of {MLP_BACKENDS}, got {self.mlp_backend!r}")
         self.layout = [str(s) for s in ([self.layout] if isinstance(self.layout, str) else self.layout)]
         self.pattern_params = dict(self.pattern_params)
         specs = parse_layout(self.layout)
@@ -109,8 +116,11 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.backend = cfg.mlp_backend
 
     def forward(self, x):
+        if self.backend == "cublaslt" and gelu_mlp_runs(x, self.fc.out_features):
+            return self.dropout(gelu_mlp(x, self.fc.weight, self.proj.weight))
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 

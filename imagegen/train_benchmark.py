@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from imagegen.benchmark import self_device_us, time_ms
+from imagegen.benchmark import kernel_ms, self_device_us, time_ms
 from imagegen.compare import with_settings
 from imagegen.model import ImageTransformer, ModelConfig
 from imagegen.patterns import parse_layout
@@ -64,19 +64,20 @@ def model_step_flops(model: ImageTransformer) -> float:
 
 
 def size_config(kind: str, size: tuple, activation_checkpointing: bool = False,
-                residual_dtype: str = "float32") -> ModelConfig:
+                residual_dtype: str = "float32", mlp_backend: str = "torch") -> ModelConfig:
     """The ModelConfig of `kind` (dense or sparse) at a size tuple (label, vocab, H, W, C, layers, d, heads[,
     batch])."""
     _, V, H, W, C, n_layer, d, heads = size[:8]
     return ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
                        layout=LAYOUTS[kind], activation_checkpointing=activation_checkpointing,
-                       residual_dtype=residual_dtype)
+                       residual_dtype=residual_dtype, mlp_backend=mlp_backend)
 
 
-def our_model(kind: str, size: tuple, device: str, compile_mode: str = "default", residual_dtype: str = "float32"):
+def our_model(kind: str, size: tuple, device: str, compile_mode: str = "default", residual_dtype: str = "float32",
+              mlp_backend: str = "torch"):
     """Our model (`kind` = dense or sparse) at one of SIZES, and its loss as training runs it: compiled
     on a GPU, eager on a CPU."""
-    model = ImageTransformer(size_config(kind, size, residual_dtype=residual_dtype)).to(device)
+    model = ImageTransformer(size_config(kind, size, residual_dtype=residual_dtype, mlp_backend=mlp_backend)).to(device)
     return model, torch.compile(model.loss, mode=compile_mode) if device == "cuda" else model.loss
 
 
@@ -118,7 +119,7 @@ def load_anchor(path: str | Path):
 
 
 def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, compile_mode: str = "default",
-              residual_dtype: str = "float32") -> dict:
+              residual_dtype: str = "float32", mlp_backend: str = "torch") -> dict:
     label, V, H, W, C, n_layer, d, heads, batch = size
     n, row_len = H * W * C, W * C
     torch.manual_seed(0)
@@ -131,7 +132,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         params = sum(p.numel() for p in model.parameters()) - V * d - n * d
         flops = step_flops(params, ["dense"] * n_layer, d, H, row_len)
     else:
-        model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype)
+        model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype, mlp_backend)
         params = model.num_params()
         flops = model_step_flops(model)
     ms, mem, compile_s = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
@@ -143,7 +144,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         torch.cuda.empty_cache()
     torch._dynamo.reset()
     compiled_with = compile_mode if device == "cuda" and kind != "anchor" else "default"  # CPU: eager
-    name = with_settings(kind, compiled_with, residual_dtype)
+    name = with_settings(kind, compiled_with, residual_dtype, mlp_backend)
     return {"size": label, "model": name, "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads,
             "params_M": params / 1e6, "ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
             "peak_mem_gib": mem, "warmup_s": compile_s}
@@ -151,7 +152,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
 
 def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,
                 compile_modes: tuple[str, ...] = ("default",), residual_dtypes: tuple[str, ...] = ("float32",),
-                models: tuple[str, ...] = ("dense", "sparse")) -> dict:
+                models: tuple[str, ...] = ("dense", "sparse"), mlp_backends: tuple[str, ...] = ("torch",)) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     anchor = load_anchor(anchor_path) if anchor_path else None
     table = QUICK_SIZES if quick else SIZES
@@ -159,15 +160,15 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
     for i, size in enumerate(table):
         if sizes is not None and i not in sizes:
             continue
-        runs = [("anchor", "default", "float32")] if anchor else []
+        runs = [("anchor", "default", "float32", "torch")] if anchor else []
         modes = compile_modes if device == "cuda" else ("default",)  # nothing is compiled on a CPU
-        runs += [(kind, mode, residual) for mode in modes for residual in residual_dtypes
-                 for kind in models]
-        for kind, mode, residual in runs:
+        runs += [(kind, mode, residual, mlp) for mode in modes for residual in residual_dtypes
+                 for mlp in mlp_backends for kind in models]
+        for kind, mode, residual, mlp in runs:
             try:
-                rows.append(bench_one(kind, size, device, quick, anchor, mode, residual))
+                rows.append(bench_one(kind, size, device, quick, anchor, mode, residual, mlp))
             except torch.OutOfMemoryError as e:  # a size that does not fit is a result, not a crash
-                rows.append({"size": size[0], "model": with_settings(kind, mode, residual),
+                rows.append({"size": size[0], "model": with_settings(kind, mode, residual, mlp),
                              "error": f"out of memory: {str(e)[:120]}"})
             print(rows[-1], flush=True)
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
@@ -213,7 +214,7 @@ def kernel_group(name: str) -> str:
 
 
 def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False, steps: int = 5,
-                 residual_dtype: str = "float32") -> dict:
+                 residual_dtype: str = "float32", mlp_backend: str = "torch") -> dict:
     """Where one training step's GPU time goes: torch.profiler over `steps` compiled steps of our model,
     kernels summed by group (attention, matmul, Triton fusions, optimizer, other) and the top kernels.
     On a CPU (quick) it profiles the eager step's operators instead."""
@@ -222,7 +223,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = (QUICK_SIZES if quick else SIZES)[size_index]
     label, V, H, W, C, _, _, _, batch = size
-    model, loss_fn = our_model(kind, size, device, residual_dtype=residual_dtype)
+    model, loss_fn = our_model(kind, size, device, residual_dtype=residual_dtype, mlp_backend=mlp_backend)
     step = training_step(model, loss_fn, batch, H * W * C, V, device)
     for _ in range(3):  # compile and warm up outside the trace
         step()
@@ -255,7 +256,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     for k in kernels:
         groups[k["group"]] = groups.get(k["group"], 0.0) + k["ms_per_step"]
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "size": label, "model": with_settings(kind, residual_dtype=residual_dtype), "N": H * W * C,
+            "size": label, "model": with_settings(kind, residual_dtype=residual_dtype, mlp_backend=mlp_backend), "N": H * W * C,
             "batch": batch, "timed_ms_per_step": timed_ms,
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
             "operators": operators}
@@ -280,6 +281,70 @@ def format_profile(result: dict, top: int = 25) -> str:
                 "| operator | ms/step | calls/step |", "|---|---|---|"]
         out += [f"| `{o['name']}` | {o['ms_per_step']:.3f} | {o['calls_per_step']:.0f} |"
                 for o in result["operators"][:top]]
+    return "\n".join(out)
+
+
+def bench_mlp(quick: bool = False) -> dict:
+    """The MLP alone, forward + backward under bf16 autocast and torch.compile, at each size's tokens per step
+    and width: model.mlp_backend=torch (cuBLAS GEMMs and Inductor's GELU kernels) against cublaslt (the forward
+    GELU in the epilogue of imagegen.gelu_mlp's cuBLASLt GEMM), with the relative difference of output and gradients."""
+    from imagegen.model import MLP
+
+    rows = []
+    for label, V, H, W, C, _, d, heads, batch in (SIZES if not quick else SIZES[:1]):
+        tokens = batch * H * W * C
+        torch.manual_seed(0)
+        x = torch.randn(tokens, d, device="cuda", requires_grad=True)  # the LayerNorm's fp32 output
+        dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        results = {}
+        for backend in ("torch", "cublaslt"):
+            cfg = size_config("sparse", (label, V, H, W, C, 1, d, heads), mlp_backend=backend)
+            torch.manual_seed(1)
+            mlp = MLP(cfg).cuda()
+            compiled = torch.compile(mlp)
+
+            def step():
+                x.grad = None
+                mlp.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", torch.bfloat16):
+                    y = compiled(x)
+                y.backward(dy)
+                return y
+
+            y = step()
+            grads = [y.detach().float(), x.grad.clone(), mlp.fc.weight.grad.clone(), mlp.proj.weight.grad.clone()]
+            results[backend] = {"ms": time_ms(step, quick), "kernels": kernel_ms(step), "values": grads}
+            torch._dynamo.reset()
+        ref, got = results["torch"], results["cublaslt"]
+        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(got["values"], ref["values"]))
+        rows.append({"size": label, "tokens": tokens, "d": d, "hidden": 4 * d, "torch_ms": ref["ms"],
+                     "cublaslt_ms": got["ms"],
+                     "speedup": sum(ref["kernels"].values()) / sum(got["kernels"].values()), "max_rel_diff": err,
+                     "torch_kernels": ref["kernels"], "cublaslt_kernels": got["kernels"]})
+        print(rows[-1], flush=True)
+    from imagegen import cublaslt
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "mlp": rows, "plans": cublaslt.plans()}
+
+
+def format_mlp(result: dict) -> str:
+    out = [(f"The MLP alone, forward + backward, bf16 autocast, compiled ({result['device']}, torch {result['torch']}; "
+            "medians): model.mlp_backend=torch vs cublaslt (the forward GELU in the fc GEMM's epilogue). The times "
+            "include the host's time to issue the calls; the speed-up is of the kernels' GPU time."),
+           "| size | tokens x d (hidden) | torch ms | cublaslt ms | speed-up (kernels) | "
+           "max rel. diff (y, dx, dW1, dW2) |", "|---|---|---|---|---|---|"]
+    for r in result["mlp"]:
+        out.append(f"| {r['size']} | {r['tokens']} x {r['d']} ({r['hidden']}) | {r['torch_ms']:.3f} | "
+                   f"{r['cublaslt_ms']:.3f} | "
+                   f"{r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |")
+    for r in result["mlp"]:
+        for backend in ("torch", "cublaslt"):
+            kernels = r[f"{backend}_kernels"]
+            out += ["", f"{r['size']}, mlp_backend={backend}: GPU time per kernel ({sum(kernels.values()):.3f} ms in all)"]
+            out += [f"- {ms:.3f} ms `{name[:90]}`" for name, ms in kernels.items()]
+    out += ["", "cuBLASLt algorithms: each shape's heuristic candidates timed on its first call (ms), and the one kept:"]
+    out += [f"- {p['M']} x {p['N']} x {p['K']}, {p['epilogue']}: {p['candidate_ms']} -> #{p['chosen']}"
+            for p in result.get("plans", [])]
     return "\n".join(out)
 
 

@@ -6,7 +6,9 @@
                                                                      # training step: ours vs the anchor GPT
     python scripts/benchmark.py largest [--out largest.json]        # largest ImageNet-64 batch that trains (GPU)
     python scripts/benchmark.py profile [--model sparse] [--sizes 0]  # where one training step's GPU time goes
-    (train and profile: --residual-dtypes float32 autocast also times the bf16 residual stream)
+    (train and profile: --residual-dtypes float32 autocast also times the bf16 residual stream,
+     --mlp-backends torch cublaslt the MLP with its forward GELU in a cuBLASLt GEMM epilogue)
+    python scripts/benchmark.py mlp [--out mlp.json]                # the MLP alone, fwd+bwd: torch vs cublaslt MLP (GPU)
     python scripts/benchmark.py tune [--out tuning.json]            # launch settings of our Triton kernels (GPU)
     python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
@@ -17,12 +19,13 @@ import argparse
 import torch
 
 from imagegen import benchmark, train_benchmark
-from imagegen.model import RESIDUAL_DTYPES
+from imagegen.model import MLP_BACKENDS, RESIDUAL_DTYPES
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile", "tune", "calls"])
+    parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile", "tune", "calls",
+                                           "mlp"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
@@ -34,8 +37,10 @@ def main():
                         help="train: torch.compile modes to time our models with (e.g. default max-autotune-no-cudagraphs)")
     parser.add_argument("--residual-dtypes", nargs="+", default=["float32"], choices=list(RESIDUAL_DTYPES),
                         help="train: residual-stream dtypes to time our models with; profile: the first")
+    parser.add_argument("--mlp-backends", nargs="+", default=["torch"], choices=list(MLP_BACKENDS),
+                        help="train: MLP backends (model.mlp_backend) to time our models with; profile: the first")
     args = parser.parse_args()
-    if args.what in ("largest", "tune", "calls") and not torch.cuda.is_available():
+    if args.what in ("largest", "tune", "calls", "mlp") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
     if args.what == "tune":
         from imagegen import kernel_tuning
@@ -53,8 +58,11 @@ def main():
         print(benchmark.format_sampling(result))
     elif args.what == "profile":
         result = train_benchmark.profile_step(args.model, (args.sizes or [0])[0], quick=args.quick,
-                                              residual_dtype=args.residual_dtypes[0])
+                                              residual_dtype=args.residual_dtypes[0], mlp_backend=args.mlp_backends[0])
         print(train_benchmark.format_profile(result))
+    elif args.what == "mlp":
+        result = train_benchmark.bench_mlp(quick=args.quick)
+        print(train_benchmark.format_mlp(result))
     elif args.what == "largest":
         result = train_benchmark.bench_largest()
         print(train_benchmark.format_largest(result))
@@ -62,7 +70,7 @@ def main():
         result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes,
                                              compile_modes=tuple(args.compile_modes),
                                              residual_dtypes=tuple(args.residual_dtypes),
-                                             models=tuple(args.models))
+                                             models=tuple(args.models), mlp_backends=tuple(args.mlp_backends))
         print(train_benchmark.format_train(result))
     benchmark.save(result, args.out)
 

@@ -7,12 +7,15 @@
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
 #            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_RESIDUALS: residual-stream
 #            dtypes, default "float32", e.g. "float32 autocast"; TRAIN_MODELS: which of ours, default "dense sparse";
+#            TRAIN_MLPS: model.mlp_backend values, default "torch", e.g. "torch cublaslt";
 #            TRAIN_TIMEOUT seconds)
 # tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
-#            (PROFILE_RESIDUAL: the residual-stream dtype, default float32)
-# tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model)
+#            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend)
+# mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
+# tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model;
+#            TEST_K: a pytest -k expression to run some of them)
 # runs:      scripts/train.py itself (model=RUN_MODEL, default sparse, RUN_STEPS steps, default 400), once per
 #            RUN_VARIANTS entry (overrides joined by commas; default: compile_mode=default, compile_mode=reduce-overhead,
 #            model.residual_dtype=autocast), then compare.py: a real run's tokens/s and validation side by side
@@ -55,16 +58,19 @@ for stage in "$@"; do
     train) timeout "${TRAIN_TIMEOUT:-3600}" python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" \
              --sizes ${TRAIN_SIZES:-0 1 2} --compile-modes ${TRAIN_MODES:-default} \
              --residual-dtypes ${TRAIN_RESIDUALS:-float32} --models ${TRAIN_MODELS:-dense sparse} \
+             --mlp-backends ${TRAIN_MLPS:-torch} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
+    mlp) python scripts/benchmark.py mlp --out "$OUT/mlp.json" | tee "$OUT/mlp.md" ;;
     calls) python scripts/benchmark.py calls --out "$OUT/calls.json" | tee "$OUT/calls.md" ;;
     tune) python scripts/benchmark.py tune --out "$OUT/tuning.json" | tee "$OUT/tuning.md" ;;
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
                python scripts/benchmark.py profile --model sparse --sizes "$size" \
-                 --residual-dtypes "${PROFILE_RESIDUAL:-float32}" --out "$OUT/profile_$size.json" \
+                 --residual-dtypes "${PROFILE_RESIDUAL:-float32}" --mlp-backends "${PROFILE_MLP:-torch}" \
+                 --out "$OUT/profile_$size.json" \
                  2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \
-             > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"
+             ${TEST_K:+-k "$TEST_K"} > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"
            grep -E "bf16|passed|failed|Error|assert" "$OUT/gpu_tests.log" | tail -n 60 ;;
     runs) export WANDB_MODE=offline; dirs=""
           for variant in ${RUN_VARIANTS:-compile_mode=default compile_mode=reduce-overhead model.residual_dtype=autocast}; do

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -78,3 +80,13 @@ def test_profile_leaves_out_annotation_ranges_but_keeps_kernels_named_with_lambd
     assert ANNOTATION.match("Optimizer.step#AdamW.step")
     kernel = "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float, {lambda(float, float)#1}> >"
     assert not ANNOTATION.match(kernel)
+
+
+def test_train_benchmark_times_each_mlp_backend_of_the_chosen_models(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "train", "--quick", "--sizes", "0",
+                           "--models", "sparse", "--mlp-backends", "torch", "cublaslt",
+                           "--out", str(tmp_path / "train.json")], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
+    assert names == ["sparse", "sparse, cublaslt MLP"]
+

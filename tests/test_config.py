@@ -67,3 +67,15 @@ def test_residual_dtype_reaches_the_model(model, tiny_cfg):
     assert model_config(cfg, tokenizer).residual_dtype == "autocast"
     with pytest.raises(ValueError, match="residual_dtype must be one of"):
         model_config(tiny_cfg(f"model={model}", "model.residual_dtype=bf16"), tokenizer)
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_mlp_backend_reaches_the_model(model, tiny_cfg):
+    """model.mlp_backend is a key of every model option (torch by default), passed through to the model; a bad
+    one fails when the config is built."""
+    default = tiny_cfg(f"model={model}")
+    tokenizer = build_tokenizer(default.tokenizer)
+    assert model_config(default, tokenizer).mlp_backend == "torch"
+    assert model_config(tiny_cfg(f"model={model}", "model.mlp_backend=cublaslt"), tokenizer).mlp_backend == "cublaslt"
+    with pytest.raises(ValueError, match="mlp_backend must be one of"):
+        model_config(tiny_cfg(f"model={model}", "model.mlp_backend=fused"), tokenizer)

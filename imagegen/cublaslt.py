@@ -1,0 +1,230 @@
+"""A cuBLASLt matmul with a GELU epilogue, called through ctypes (no extension to compile).
+
+PyTorch's GEMMs are cuBLAS(Lt) calls, but none of its operators keeps the GELU's input for the backward
+(`torch._addmm_activation` writes only gelu(a @ b)). cuBLASLt's GELU_AUX epilogue writes both, from the
+GEMM's fp32 accumulator:
+
+    out, pre = matmul_gelu(a, b)         # pre = a @ b, out = gelu_tanh(pre); a (M, K), b (K, N) -> (M, N)
+    out = matmul(a, b)                   # the same GEMM without an epilogue (for comparisons)
+
+`runs(a, b)` says whether a call qualifies: CUDA tensors in bf16 or fp16, `a` contiguous (row-major), `b`
+contiguous or the transpose of a contiguous matrix (a Linear weight's .t()), K and N multiples of 8 (16-byte
+aligned rows). The library is the libcublasLt PyTorch itself loaded. Each shape's algorithm is chosen once: on its
+first call the candidates of cuBLASLt's heuristic are timed and the fastest is kept (`plans()` lists them).
+No workspace is used, so nothing is allocated outside PyTorch (CUDA-graph capture safe).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import threading
+
+import torch
+
+# cublasLt.h / cublas_api.h / library_types.h enum values
+_EPILOGUE_DEFAULT, _EPILOGUE_GELU_AUX = 1, 32 | 128
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_AUX_POINTER, _DESC_AUX_LD = 3, 4, 7, 11, 12
+_PREF_MAX_WORKSPACE_BYTES = 1
+_COMPUTE_32F, _R_32F = 68, 0
+_DATA_TYPES = {torch.bfloat16: 14, torch.float16: 2}
+_OP_N, _OP_T = 0, 1
+_CANDIDATES = 8  # heuristic answers timed per shape
+
+
+class _Algo(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64 * 8)]
+
+
+class _Heuristic(ctypes.Structure):
+    _fields_ = [("algo", _Algo), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+def _loaded_library_path() -> str | None:
+    """The libcublasLt this process already mapped (PyTorch's), else the system's."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if "libcublasLt.so" in line:
+                    return line.split()[-1]
+    except OSError:
+        pass
+    return ctypes.util.find_library("cublasLt")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    torch.cuda.current_blas_handle()  # makes PyTorch load cuBLAS and cuBLASLt
+    path = _loaded_library_path()
+    if path is None:
+        raise RuntimeError("libcublasLt was not found in this process")
+    lib = ctypes.CDLL(path)
+    p, i, u64, i64, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
+    signatures = {
+        "cublasLtCreate": [ctypes.POINTER(p)],
+        "cublasLtMatmulDescCreate": [ctypes.POINTER(p), i, i],
+        "cublasLtMatmulDescSetAttribute": [p, i, p, sz],
+        "cublasLtMatrixLayoutCreate": [ctypes.POINTER(p), i, u64, u64, i64],
+        "cublasLtMatmulPreferenceCreate": [ctypes.POINTER(p)],
+        "cublasLtMatmulPreferenceSetAttribute": [p, i, p, sz],
+        "cublasLtMatmulAlgoGetHeuristic": [p, p, p, p, p, p, p, i, ctypes.POINTER(_Heuristic), ctypes.POINTER(i)],
+        "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, ctypes.POINTER(_Algo), p, sz, p],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"cuBLASLt {what} failed with status {status}")
+
+
+def _set(setter, obj, attribute: int, value) -> None:
+    _check(setter(obj, attribute, ctypes.byref(value), ctypes.sizeof(value)), f"attribute {attribute}")
+
+
+_handles: dict[int, ctypes.c_void_p] = {}
+_plans: dict[tuple, "_Plan"] = {}
+_lock = threading.Lock()
+
+
+def _handle(device: int) -> ctypes.c_void_p:
+    if device not in _handles:
+        handle = ctypes.c_void_p()
+        with torch.cuda.device(device):
+            _check(_library().cublasLtCreate(ctypes.byref(handle)), "create")
+        _handles[device] = handle
+    return _handles[device]
+
+
+class _Plan:
+    """The descriptors and chosen algorithm of one (shape, layout, dtype, epilogue) on one device.
+
+    Row-major out (M, N) = a (M, K) @ b (K, N) is column-major out^T (N, M) = b^T (N, K) @ a^T (K, M): cuBLAS's
+    A is b (op N if b is contiguous, op T if b is the transpose of a contiguous (N, K) matrix), its B is a."""
+
+    def __init__(self, M: int, N: int, K: int, b_transposed: bool, dtype: torch.dtype, epilogue: int, device: int):
+        lib, data_type = _library(), _DATA_TYPES[dtype]
+        self.lib, self.handle, self.epilogue = lib, _handle(device), epilogue
+        self.desc = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _R_32F), "descriptor")
+        _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_TRANSA, ctypes.c_int32(_OP_T if b_transposed else _OP_N))
+        _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+        _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
+        if epilogue != _EPILOGUE_DEFAULT:
+            _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_AUX_LD, ctypes.c_int64(N))
+
+        def layout(rows, cols, ld):
+            handle = ctypes.c_void_p()
+            _check(lib.cublasLtMatrixLayoutCreate(ctypes.byref(handle), data_type, rows, cols, ld), "layout")
+            return handle
+
+        self.a_layout = layout(K, N, K) if b_transposed else layout(N, K, N)  # cuBLAS's A: our b
+        self.b_layout = layout(K, M, K)  # cuBLAS's B: our a
+        self.out_layout = layout(N, M, N)
+        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self.algo, self.candidates, self.timings_ms = None, [], []
+
+    def set_aux(self, aux: torch.Tensor | None) -> None:
+        if aux is not None:
+            _set(self.lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+
+    def choose(self, run) -> None:
+        """Ask the heuristic for candidates, time each (outputs are overwritten by the real call after), keep the
+        fastest. Under CUDA-graph capture nothing can be timed: the heuristic's first answer is used."""
+        pref = ctypes.c_void_p()
+        _check(self.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference")
+        _set(self.lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(0))
+        results, count = (_Heuristic * _CANDIDATES)(), ctypes.c_int(0)
+        _check(self.lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a_layout, self.b_layout,
+                                                       self.out_layout, self.out_layout, pref, _CANDIDATES, results,
+                                                       ctypes.byref(count)), "heuristic")
+        self.candidates = [results[i].algo for i in range(count.value) if results[i].state == 0]
+        if not self.candidates:
+            raise RuntimeError("cuBLASLt has no algorithm for this matmul and epilogue")
+        if torch.cuda.is_current_stream_capturing() or len(self.candidates) == 1:
+            self.algo = self.candidates[0]
+            return
+        self.timings_ms = []
+        for algo in self.candidates:
+            run(algo)  # warm-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                run(algo)
+            end.record()
+            end.synchronize()
+            self.timings_ms.append(start.elapsed_time(end) / 5)
+        self.algo = self.candidates[min(range(len(self.candidates)), key=self.timings_ms.__getitem__)]
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, algo: _Algo | None = None) -> None:
+        stream = ctypes.c_void_p(torch.cuda.current_stream(a.device).cuda_stream)
+        _check(self.lib.cublasLtMatmul(self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(b.data_ptr()),
+                                       self.a_layout, ctypes.c_void_p(a.data_ptr()), self.b_layout,
+                                       ctypes.byref(self.beta), ctypes.c_void_p(out.data_ptr()), self.out_layout,
+                                       ctypes.c_void_p(out.data_ptr()), self.out_layout,
+                                       ctypes.byref(algo if algo is not None else self.algo), None, 0, stream), "matmul")
+
+
+def _b_transposed(b: torch.Tensor) -> bool | None:
+    """False for a contiguous b (K, N), True for the transpose of a contiguous (N, K); None otherwise."""
+    K, N = b.shape
+    if b.stride() == (N, 1):
+        return False
+    if b.stride() == (1, K):
+        return True
+    return None
+
+
+def runs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether matmul_gelu / matmul take these operands (see the module docstring)."""
+    return (a.is_cuda and b.device == a.device and a.dtype in _DATA_TYPES and b.dtype == a.dtype and a.dim() == 2
+            and b.dim() == 2 and a.shape[1] == b.shape[0] and a.is_contiguous() and _b_transposed(b) is not None
+            and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0
+            and all(t.data_ptr() % 16 == 0 for t in (a, b)))
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None) -> torch.Tensor:
+    if not runs(a, b):
+        raise ValueError("cuBLASLt matmul needs CUDA bf16/fp16 operands: a (M, K) contiguous, b (K, N) contiguous "
+                         f"or transposed, K and N multiples of 8; got {a.dtype} {tuple(a.shape)}/{a.stride()} and "
+                         f"{b.dtype} {tuple(b.shape)}/{b.stride()}")
+    (M, K), N = a.shape, b.shape[1]
+    out = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    key = (M, N, K, _b_transposed(b), a.dtype, epilogue, a.device.index)
+    with _lock:
+        plan = _plans.get(key)
+        if plan is None:
+            plan = _plans[key] = _Plan(M, N, K, key[3], a.dtype, epilogue, a.device.index or 0)
+        plan.set_aux(aux)
+        if plan.algo is None:
+            plan.choose(lambda algo: plan(a, b, out, algo))
+        plan(a, b, out)
+    return out
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b through cuBLASLt without an epilogue (for comparisons)."""
+    return _matmul(a, b, _EPILOGUE_DEFAULT, None)
+
+
+def matmul_gelu(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu_tanh(a @ b), a @ b) from one GEMM: the epilogue writes both."""
+    pre = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    return _matmul(a, b, _EPILOGUE_GELU_AUX, pre), pre
+
+
+def plans() -> list[dict]:
+    """Each shape's chosen algorithm: the candidates' times (ms, first call) and which won."""
+    names = {_EPILOGUE_DEFAULT: "none", _EPILOGUE_GELU_AUX: "gelu_aux"}
+    out = []
+    for (M, N, K, transposed, dtype, epilogue, _), plan in _plans.items():
+        chosen = next((i for i, c in enumerate(plan.candidates) if bytes(c) == bytes(plan.algo)), None)
+        out.append({"M": M, "N": N, "K": K, "b_transposed": transposed, "dtype": str(dtype),
+                    "epilogue": names[epilogue], "candidate_ms": [round(t, 4) for t in plan.timings_ms],
+                    "chosen": chosen})
+    return out

@@ -1,0 +1,62 @@
+"""The MLP with its forward GELU in a cuBLASLt GEMM epilogue (imagegen.gelu_mlp, model.mlp_backend=cublaslt), on a
+CPU: its op and the registered backward against F.linear + F.gelu (off CUDA the op computes with torch.mm and
+F.gelu), what cuBLASLt accepts, and the model's fallback. The cuBLASLt GEMM in bf16: tests/test_gpu.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imagegen import cublaslt
+from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
+from imagegen.model import ImageTransformer, ModelConfig
+
+
+@pytest.mark.parametrize("custom_op", [False, True], ids=["autograd-function", "custom-op"])
+def test_gelu_mlp_output_and_gradients_equal_the_reference(custom_op):
+    """Both entry points (the eager autograd.Function and the custom op torch.compile sees) give
+    proj(gelu_tanh(fc(x))) and its gradients for x, fc_weight and proj_weight; leading dims are kept."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 37, 16, dtype=torch.float64) * 3).requires_grad_(True)  # large |h|: tanh saturates
+    w1 = (torch.randn(64, 16, dtype=torch.float64) / 4).requires_grad_(True)
+    w2 = (torch.randn(16, 64, dtype=torch.float64) / 8).requires_grad_(True)
+    dy = torch.randn(2, 37, 16, dtype=torch.float64)
+    y = gelu_mlp(x, w1, w2, custom_op=custom_op)
+    y.backward(dy)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
+    ref = F.linear(F.gelu(F.linear(leaves[0], leaves[1]), approximate="tanh"), leaves[2])
+    ref.backward(dy)
+    assert y.shape == (2, 37, 16)
+    torch.testing.assert_close(y, ref)
+    for got, want in zip((x.grad, w1.grad, w2.grad), (t.grad for t in leaves)):
+        torch.testing.assert_close(got, want)
+
+
+def test_gelu_mlp_casts_to_the_autocast_dtype():
+    x, w1, w2 = torch.randn(8, 16), torch.randn(64, 16), torch.randn(16, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = gelu_mlp(x, w1, w2)
+    assert y.dtype == torch.bfloat16
+
+
+def test_cublaslt_takes_only_cuda_half_precision_operands_in_its_layouts():
+    a, w = torch.randn(32, 16, dtype=torch.bfloat16), torch.randn(64, 16, dtype=torch.bfloat16)
+    assert not cublaslt.runs(a, w.t())  # a CPU tensor
+    assert not gelu_mlp_runs(a, 64)
+    with pytest.raises(ValueError, match="cuBLASLt matmul needs CUDA bf16/fp16"):
+        cublaslt.matmul_gelu(a, w.t())
+
+
+def test_cublaslt_mlp_backend_falls_back_where_the_fused_gemms_do_not_run():
+    """On a CPU model.mlp_backend=cublaslt takes the torch path: the same model gives the same logits."""
+    kw = dict(vocab_size=11, height=4, width=5, n_layer=2, n_head=2, n_embd=16, layout=["local", "column"])
+    torch.manual_seed(0)
+    reference = ImageTransformer(ModelConfig(**kw)).eval()
+    model = ImageTransformer(ModelConfig(**kw, mlp_backend="cublaslt")).eval()
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 11, (2, 20))
+    assert torch.equal(model(tokens), reference(tokens))
+
+
+def test_unknown_mlp_backend_is_refused():
+    with pytest.raises(ValueError, match="mlp_backend must be one of"):
+        ModelConfig(vocab_size=11, height=4, width=5, mlp_backend="cutlass")
