@@ -11,6 +11,7 @@ per token for the matmuls (embeddings excluded) plus 12 * d per attended key per
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
 import re
@@ -118,8 +119,33 @@ def load_anchor(path: str | Path):
     return module
 
 
+def inductor_settings(text: str) -> dict:
+    """`"triton.mix_order_reduction_split_size=64,coordinate_descent_tuning=True"` -> {key: value} for
+    torch._inductor.config.patch (values are Python literals, else strings); "" or "none" -> {}."""
+    settings = {}
+    if text.strip() == "none":
+        return settings
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"an Inductor setting is key=value, got {item!r}")
+        try:
+            settings[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            settings[key.strip()] = value.strip()
+    return settings
+
+
 def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, compile_mode: str = "default",
-              residual_dtype: str = "float32", mlp_backend: str = "torch") -> dict:
+              residual_dtype: str = "float32", mlp_backend: str = "torch", inductor: str = "") -> dict:
+    """One row of the train table; `inductor` (see inductor_settings) patches torch._inductor.config while
+    our model compiles and runs."""
+    if inductor_settings(inductor) and kind != "anchor":
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(inductor_settings(inductor)):
+            row = bench_one(kind, size, device, quick, anchor, compile_mode, residual_dtype, mlp_backend)
+        return {**row, "model": f"{row['model']}, {inductor}"}
     label, V, H, W, C, n_layer, d, heads, batch = size
     n, row_len = H * W * C, W * C
     torch.manual_seed(0)
@@ -152,7 +178,8 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
 
 def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,
                 compile_modes: tuple[str, ...] = ("default",), residual_dtypes: tuple[str, ...] = ("float32",),
-                models: tuple[str, ...] = ("dense", "sparse"), mlp_backends: tuple[str, ...] = ("torch",)) -> dict:
+                models: tuple[str, ...] = ("dense", "sparse"), mlp_backends: tuple[str, ...] = ("torch",),
+                inductor: tuple[str, ...] = ("",)) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     anchor = load_anchor(anchor_path) if anchor_path else None
     table = QUICK_SIZES if quick else SIZES
@@ -160,15 +187,16 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
     for i, size in enumerate(table):
         if sizes is not None and i not in sizes:
             continue
-        runs = [("anchor", "default", "float32", "torch")] if anchor else []
+        runs = [("anchor", "default", "float32", "torch", "")] if anchor else []
         modes = compile_modes if device == "cuda" else ("default",)  # nothing is compiled on a CPU
-        runs += [(kind, mode, residual, mlp) for mode in modes for residual in residual_dtypes
-                 for mlp in mlp_backends for kind in models]
-        for kind, mode, residual, mlp in runs:
+        runs += [(kind, mode, residual, mlp, settings) for mode in modes for residual in residual_dtypes
+                 for mlp in mlp_backends for settings in inductor for kind in models]
+        for kind, mode, residual, mlp, settings in runs:
             try:
-                rows.append(bench_one(kind, size, device, quick, anchor, mode, residual, mlp))
+                rows.append(bench_one(kind, size, device, quick, anchor, mode, residual, mlp, settings))
             except torch.OutOfMemoryError as e:  # a size that does not fit is a result, not a crash
-                rows.append({"size": size[0], "model": with_settings(kind, mode, residual, mlp),
+                rows.append({"size": size[0], "model": ", ".join(filter(None, [with_settings(kind, mode, residual, mlp),
+                                                                               settings if settings != "none" else ""])),
                              "error": f"out of memory: {str(e)[:120]}"})
             print(rows[-1], flush=True)
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

@@ -39,6 +39,9 @@ def main():
                         help="train: residual-stream dtypes to time our models with; profile: the first")
     parser.add_argument("--mlp-backends", nargs="+", default=["torch"], choices=list(MLP_BACKENDS),
                         help="train: MLP backends (model.mlp_backend) to time our models with; profile: the first")
+    parser.add_argument("--inductor", nargs="+", default=[""], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="train: torch._inductor.config settings to time our models with, one row each "
+                             "('none': Inductor's defaults; e.g. none triton.mix_order_reduction_split_size=64)")
     args = parser.parse_args()
     if args.what in ("largest", "tune", "calls", "mlp") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
@@ -70,7 +73,8 @@ def main():
         result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes,
                                              compile_modes=tuple(args.compile_modes),
                                              residual_dtypes=tuple(args.residual_dtypes),
-                                             models=tuple(args.models), mlp_backends=tuple(args.mlp_backends))
+                                             models=tuple(args.models), mlp_backends=tuple(args.mlp_backends),
+                                             inductor=tuple(args.inductor))
         print(train_benchmark.format_train(result))
     benchmark.save(result, args.out)
 

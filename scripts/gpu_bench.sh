@@ -7,7 +7,8 @@
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
 #            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_RESIDUALS: residual-stream
 #            dtypes, default "float32", e.g. "float32 autocast"; TRAIN_MODELS: which of ours, default "dense sparse";
-#            TRAIN_MLPS: model.mlp_backend values, default "torch", e.g. "torch cublaslt";
+#            TRAIN_MLPS: model.mlp_backend values, default "torch", e.g. "torch cublaslt"; TRAIN_INDUCTOR:
+#            torch._inductor.config settings, one row each, e.g. "none triton.mix_order_reduction_split_size=64";
 #            TRAIN_TIMEOUT seconds)
 # tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
@@ -58,7 +59,7 @@ for stage in "$@"; do
     train) timeout "${TRAIN_TIMEOUT:-3600}" python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" \
              --sizes ${TRAIN_SIZES:-0 1 2} --compile-modes ${TRAIN_MODES:-default} \
              --residual-dtypes ${TRAIN_RESIDUALS:-float32} --models ${TRAIN_MODELS:-dense sparse} \
-             --mlp-backends ${TRAIN_MLPS:-torch} \
+             --mlp-backends ${TRAIN_MLPS:-torch} ${TRAIN_INDUCTOR:+--inductor $TRAIN_INDUCTOR} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
     mlp) python scripts/benchmark.py mlp --out "$OUT/mlp.json" | tee "$OUT/mlp.md" ;;

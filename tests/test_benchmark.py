@@ -90,3 +90,22 @@ def test_train_benchmark_times_each_mlp_backend_of_the_chosen_models(tmp_path):
     names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
     assert names == ["sparse", "sparse, cublaslt MLP"]
 
+
+def test_train_benchmark_times_each_inductor_setting(tmp_path):
+    """--inductor: one row of our model per torch._inductor.config setting ("none": Inductor's defaults)."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "train", "--quick", "--sizes", "0",
+                           "--models", "sparse", "--inductor", "none", "coordinate_descent_tuning=False",
+                           "--out", str(tmp_path / "train.json")], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
+    assert names == ["sparse", "sparse, coordinate_descent_tuning=False"]
+
+
+def test_inductor_settings_are_parsed_as_literals():
+    from imagegen.train_benchmark import inductor_settings
+
+    assert inductor_settings("triton.mix_order_reduction_split_size=64, max_autotune=True,x=abc") == {
+        "triton.mix_order_reduction_split_size": 64, "max_autotune": True, "x": "abc"}
+    assert inductor_settings("") == inductor_settings("none") == {}
+    with pytest.raises(ValueError, match="key=value"):
+        inductor_settings("max_autotune")
