@@ -133,6 +133,12 @@ def inductor_settings(text: str) -> dict:
             settings[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             settings[key.strip()] = value.strip()
+    import torch._inductor.config as inductor_config
+
+    for key in settings:
+        owner, _, name = key.rpartition(".")
+        if not hasattr(inductor_config if not owner else getattr(inductor_config, owner, None), name):
+            raise ValueError(f"torch {torch.__version__} has no Inductor setting {key!r}")
     return settings
 
 

@@ -43,6 +43,11 @@ def main():
                         help="train: torch._inductor.config settings to time our models with, one row each "
                              "('none': Inductor's defaults; e.g. none triton.mix_order_reduction_split_size=64)")
     args = parser.parse_args()
+    for settings in args.inductor:  # an unknown setting fails here, before anything is timed
+        try:
+            train_benchmark.inductor_settings(settings)
+        except ValueError as e:
+            parser.error(str(e))
     if args.what in ("largest", "tune", "calls", "mlp") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
     if args.what == "tune":

@@ -104,8 +104,10 @@ def test_train_benchmark_times_each_inductor_setting(tmp_path):
 def test_inductor_settings_are_parsed_as_literals():
     from imagegen.train_benchmark import inductor_settings
 
-    assert inductor_settings("triton.mix_order_reduction_split_size=64, max_autotune=True,x=abc") == {
-        "triton.mix_order_reduction_split_size": 64, "max_autotune": True, "x": "abc"}
+    assert inductor_settings("triton.max_tiles=3, max_autotune=True,triton.descriptive_names=torch") == {
+        "triton.max_tiles": 3, "max_autotune": True, "triton.descriptive_names": "torch"}
     assert inductor_settings("") == inductor_settings("none") == {}
     with pytest.raises(ValueError, match="key=value"):
         inductor_settings("max_autotune")
+    with pytest.raises(ValueError, match="no Inductor setting 'triton.no_such_thing'"):
+        inductor_settings("triton.no_such_thing=1")
