@@ -33,6 +33,10 @@ _OP_N, _OP_T = 0, 1
 _CANDIDATES = 8  # heuristic answers timed per shape
 
 
+class CublasLtError(RuntimeError):
+    """cuBLASLt is missing, refused a call or has no algorithm for it (callers may fall back to torch.mm)."""
+
+
 class _Algo(ctypes.Structure):
     _fields_ = [("data", ctypes.c_uint64 * 8)]
 
@@ -59,7 +63,7 @@ def _library() -> ctypes.CDLL:
     torch.cuda.current_blas_handle()  # makes PyTorch load cuBLAS and cuBLASLt
     path = _loaded_library_path()
     if path is None:
-        raise RuntimeError("libcublasLt was not found in this process")
+        raise CublasLtError("libcublasLt was not found in this process")
     lib = ctypes.CDLL(path)
     p, i, u64, i64, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
     signatures = {
@@ -80,7 +84,7 @@ def _library() -> ctypes.CDLL:
 
 def _check(status: int, what: str) -> None:
     if status != 0:
-        raise RuntimeError(f"cuBLASLt {what} failed with status {status}")
+        raise CublasLtError(f"cuBLASLt {what} failed with status {status}")
 
 
 def _set(setter, obj, attribute: int, value) -> None:
@@ -145,7 +149,7 @@ class _Plan:
                                                        ctypes.byref(count)), "heuristic")
         self.candidates = [results[i].algo for i in range(count.value) if results[i].state == 0]
         if not self.candidates:
-            raise RuntimeError("cuBLASLt has no algorithm for this matmul and epilogue")
+            raise CublasLtError("cuBLASLt has no algorithm for this matmul and epilogue")
         if torch.cuda.is_current_stream_capturing() or len(self.candidates) == 1:
             self.algo = self.candidates[0]
             return

@@ -17,12 +17,15 @@ The epilogue applies the GELU to the fp32 accumulator (the unfused path rounds h
 
 The fused GEMM runs on CUDA in bf16/fp16 with C and 4C multiples of 8 (`gelu_mlp_runs`; under autocast the
 inputs are cast to the autocast dtype, as F.linear would). Anywhere else the same op computes the same thing
-with torch.mm and F.gelu (so the CPU tests check its gradients). Under torch.compile it is a custom op (opaque
+with torch.mm and F.gelu (so the CPU tests check its gradients), as it does, with a warning, from the first
+time cuBLASLt refuses a call on. Under torch.compile it is a custom op (opaque
 to the compiler, with a fake shape and a registered backward the compiler traces); eager calls go through an
 autograd.Function. Model option: `model.mlp_backend=cublaslt`; `scripts/benchmark.py mlp` times it.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +42,17 @@ def gelu_mlp_runs(x: torch.Tensor, hidden: int) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0 and hidden % 8 == 0
 
 
+_cublaslt_failed: list[str] = []  # why cuBLASLt refused, once: later calls go straight to torch.mm
+
+
 def _fc_gelu_kernels(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, C), w1 (F, C) -> g = gelu(h), h = x @ w1^T, each (M, F)."""
-    if cublaslt.runs(x, w1.t()):
-        return cublaslt.matmul_gelu(x, w1.t())
+    if not _cublaslt_failed and cublaslt.runs(x, w1.t()):
+        try:
+            return cublaslt.matmul_gelu(x, w1.t())
+        except cublaslt.CublasLtError as e:  # e.g. a GPU whose cuBLASLt has no GELU epilogue for this shape
+            _cublaslt_failed.append(str(e))
+            warnings.warn(f"model.mlp_backend=cublaslt: {e}; the MLP uses torch.mm and F.gelu instead", stacklevel=2)
     h = torch.mm(x, w1.t())
     return F.gelu(h, approximate="tanh"), h
 

@@ -60,3 +60,25 @@ def test_cublaslt_mlp_backend_falls_back_where_the_fused_gemms_do_not_run():
 def test_unknown_mlp_backend_is_refused():
     with pytest.raises(ValueError, match="mlp_backend must be one of"):
         ModelConfig(vocab_size=11, height=4, width=5, mlp_backend="cutlass")
+
+
+def test_gelu_mlp_falls_back_with_a_warning_when_cublaslt_refuses(monkeypatch):
+    """If cuBLASLt refuses a call (no algorithm, a status error), the op computes the same thing with torch.mm
+    and F.gelu, warns once, and does not try cuBLASLt again."""
+    from imagegen import gelu_mlp as gm
+
+    calls = []
+
+    def refuse(a, b):
+        calls.append(1)
+        raise cublaslt.CublasLtError("cuBLASLt has no algorithm for this matmul and epilogue")
+
+    monkeypatch.setattr(gm, "_cublaslt_failed", [])
+    monkeypatch.setattr(cublaslt, "runs", lambda a, b: True)
+    monkeypatch.setattr(cublaslt, "matmul_gelu", refuse)
+    x, w1, w2 = torch.randn(8, 16), torch.randn(64, 16), torch.randn(16, 64)
+    with pytest.warns(UserWarning, match="no algorithm.*torch.mm and F.gelu instead"):
+        y = gelu_mlp(x, w1, w2)
+    torch.testing.assert_close(y, F.linear(F.gelu(F.linear(x, w1), approximate="tanh"), w2))
+    gelu_mlp(x, w1, w2)
+    assert len(calls) == 1
