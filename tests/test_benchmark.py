@@ -49,14 +49,18 @@ def test_kernel_tuning_keeps_the_fastest_setting_per_key_and_restores_the_defaul
     assert band_attention.LAUNCH == band_defaults and short_attention.LAUNCH == short_defaults
 
 
-def test_train_benchmark_times_each_residual_dtype(tmp_path):
+def quick_train_rows(tmp_path, *args: str) -> tuple[list[str], str]:
+    """`benchmark.py train --quick --sizes 0 ARGS`: the rows' model names, and what it printed."""
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "train", "--quick", "--sizes", "0",
-                           "--residual-dtypes", "float32", "autocast", "--out", str(tmp_path / "train.json")],
-                          capture_output=True, text=True, check=False)
+                           *args, "--out", str(tmp_path / "train.json")], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
+    return [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]], done.stdout
+
+
+def test_train_benchmark_times_each_residual_dtype(tmp_path):
+    names, printed = quick_train_rows(tmp_path, "--residual-dtypes", "float32", "autocast")
     assert names == ["dense", "sparse", "dense, autocast residual", "sparse, autocast residual"]
-    assert "| ours, sparse, autocast residual |" in done.stdout
+    assert "| ours, sparse, autocast residual |" in printed
 
 
 def test_profile_table_names_the_operators_behind_kernels():
@@ -83,21 +87,13 @@ def test_profile_leaves_out_annotation_ranges_but_keeps_kernels_named_with_lambd
 
 
 def test_train_benchmark_times_each_mlp_backend_of_the_chosen_models(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "train", "--quick", "--sizes", "0",
-                           "--models", "sparse", "--mlp-backends", "torch", "cublaslt",
-                           "--out", str(tmp_path / "train.json")], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
+    names, _ = quick_train_rows(tmp_path, "--models", "sparse", "--mlp-backends", "torch", "cublaslt")
     assert names == ["sparse", "sparse, cublaslt MLP"]
 
 
 def test_train_benchmark_times_each_inductor_setting(tmp_path):
     """--inductor: one row of our model per torch._inductor.config setting ("none": Inductor's defaults)."""
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "train", "--quick", "--sizes", "0",
-                           "--models", "sparse", "--inductor", "none", "coordinate_descent_tuning=False",
-                           "--out", str(tmp_path / "train.json")], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    names = [r["model"] for r in json.loads((tmp_path / "train.json").read_text())["train"]]
+    names, _ = quick_train_rows(tmp_path, "--models", "sparse", "--inductor", "none", "coordinate_descent_tuning=False")
     assert names == ["sparse", "sparse, coordinate_descent_tuning=False"]
 
 
