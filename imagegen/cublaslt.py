@@ -9,7 +9,8 @@ GEMM's fp32 accumulator:
 
 `runs(a, b)` says whether a call qualifies: CUDA tensors in bf16 or fp16, `a` contiguous (row-major), `b`
 contiguous or the transpose of a contiguous matrix (a Linear weight's .t()), K and N multiples of 8 (16-byte
-aligned rows). The library is the libcublasLt PyTorch itself loaded. Each shape's algorithm is chosen once: on its
+aligned rows), both starting at a 256-byte boundary (as fresh PyTorch allocations do; cuBLASLt's heuristic
+assumes that by default, so an algorithm chosen once fits every later call). The library is the libcublasLt PyTorch itself loaded. Each shape's algorithm is chosen once: on its
 first call the candidates of cuBLASLt's heuristic are timed and the fastest is kept (`plans()` lists them).
 No workspace is used, so nothing is allocated outside PyTorch (CUDA-graph capture safe).
 """
@@ -189,13 +190,13 @@ def runs(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.is_cuda and b.device == a.device and a.dtype in _DATA_TYPES and b.dtype == a.dtype and a.dim() == 2
             and b.dim() == 2 and a.shape[1] == b.shape[0] and a.is_contiguous() and _b_transposed(b) is not None
             and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0
-            and all(t.data_ptr() % 16 == 0 for t in (a, b)))
+            and all(t.data_ptr() % 256 == 0 for t in (a, b)))
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None) -> torch.Tensor:
     if not runs(a, b):
         raise ValueError("cuBLASLt matmul needs CUDA bf16/fp16 operands: a (M, K) contiguous, b (K, N) contiguous "
-                         f"or transposed, K and N multiples of 8; got {a.dtype} {tuple(a.shape)}/{a.stride()} and "
+                         f"or transposed, K and N multiples of 8, 256-byte aligned; got {a.dtype} {tuple(a.shape)}/{a.stride()} and "
                          f"{b.dtype} {tuple(b.shape)}/{b.stride()}")
     (M, K), N = a.shape, b.shape[1]
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
