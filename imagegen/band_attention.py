@@ -109,7 +109,7 @@ if triton is not None:
 
     @triton.jit
     def _band_fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
         m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
         m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -158,8 +158,8 @@ if triton is not None:
 
     @triton.jit
     def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                  sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr):
+                       sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, D: tl.constexpr):
         n0, bh, b, h, ks, d = _this_tile(H, BLOCK_N, D)
         k = _tile(K, b, h, ks, d, N, skb, skn, skh)
         v = _tile(V, b, h, ks, d, N, svb, svn, svh)
@@ -190,8 +190,8 @@ if triton is not None:
 
     @triton.jit
     def _band_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, D: tl.constexpr):
+                     sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, D: tl.constexpr):
         """dq of one query tile; it also computes and stores delta = rowsum(o * do) of its queries, which
         the dk/dv kernel (launched after it) reads."""
         m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
@@ -225,8 +225,8 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N)
     bm, bn, warps, stages = LAUNCH["fwd"]
     _band_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-                                      LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps,
-                                      num_stages=stages)
+                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps,
+                                           num_stages=stages)
     return o, lse
 
 
@@ -240,7 +240,7 @@ def _(q, k, v, window):
 
 
 def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N, H, D = q.shape
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
@@ -248,13 +248,13 @@ def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
     bm, bn, warps, stages = LAUNCH["dq"]  # one program per query tile; writes delta first
-    _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q), *_bnh(k),
-                                         *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales, BLOCK_M=bm,
-                                         BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+    _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q),
+                                              *_bnh(k), *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales,
+                                              BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = LAUNCH["dkdv"]  # one program per key tile
-    _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H, *_bnh(q),
-                                           *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales, BLOCK_M=bm,
-                                           BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+    _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H,
+                                                *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales,
+                                                BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

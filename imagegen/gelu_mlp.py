@@ -33,13 +33,17 @@ import torch.nn.functional as F
 from imagegen import cublaslt
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would compute x in: the autocast dtype when autocast is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def gelu_mlp_runs(x: torch.Tensor, hidden: int) -> bool:
     """Whether the fused GEMM takes this input: CUDA, a bf16/fp16 compute dtype, a width and a hidden width
     (4C) that are multiples of 8."""
-    if not x.is_cuda:
-        return False
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0 and hidden % 8 == 0
+    return (x.is_cuda and _compute_dtype(x) in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0
+            and hidden % 8 == 0)
 
 
 _cublaslt_failed: list[str] = []  # why cuBLASLt refused, once: later calls go straight to torch.mm
@@ -104,7 +108,7 @@ def fc_gelu(x: torch.Tensor, fc_weight: torch.Tensor, custom_op: bool | None = N
     """gelu_tanh(x @ fc_weight^T) for a bias-free Linear weight (F, C): (..., C) -> (..., F), in the autocast
     dtype when autocast is on (else x's dtype). custom_op: go through the custom op (default: only while
     torch.compile traces)."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = _compute_dtype(x)
     shape = x.shape
     x2, w1 = x.reshape(-1, shape[-1]).to(dtype).contiguous(), fc_weight.to(dtype)
     if custom_op if custom_op is not None else torch.compiler.is_compiling():

@@ -57,7 +57,7 @@ if triton is not None:
 
     @triton.jit
     def _short_fwd(Q, K, V, O, LSE, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
-                    so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr):
+                   so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr):
         pid, i0, i1, i2, s, d, inside = _this_sequence(n1, n2, S, BLOCK_S, D)
         q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
         k = _load(K, i0, i1, i2, s, d, inside, sk0, sk1, sk2, sk3)
@@ -75,8 +75,8 @@ if triton is not None:
 
     @triton.jit
     def _short_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3,
-                    sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1, sg2, sg3, scale,
-                    BLOCK_S: tl.constexpr, D: tl.constexpr):
+                   sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1, sg2, sg3, scale,
+                   BLOCK_S: tl.constexpr, D: tl.constexpr):
         pid, i0, i1, i2, s, d, inside = _this_sequence(n1, n2, S, BLOCK_S, D)
         q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
         k = _load(K, i0, i1, i2, s, d, inside, sk0, sk1, sk2, sk3)
@@ -135,7 +135,7 @@ def _(q, k, v):
 
 
 def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n0, S, n1, n2, D = q.shape
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if grad_out.stride(-1) != 1:

@@ -142,16 +142,20 @@ def inductor_settings(text: str) -> dict:
     return settings
 
 
+def row_label(kind: str, compile_mode: str, residual_dtype: str, mlp_backend: str, inductor: str = "") -> str:
+    """A train-table row's model name: `kind` with its speed settings (compare.with_settings) and, when it
+    sets any, the Inductor settings it ran with."""
+    label = with_settings(kind, compile_mode, residual_dtype, mlp_backend)
+    return f"{label}, {inductor}" if inductor_settings(inductor) else label
+
+
 def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, compile_mode: str = "default",
               residual_dtype: str = "float32", mlp_backend: str = "torch", inductor: str = "") -> dict:
     """One row of the train table; `inductor` (see inductor_settings) patches torch._inductor.config while
     our model compiles and runs."""
-    if inductor_settings(inductor) and kind != "anchor":
-        import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(inductor_settings(inductor)):
-            row = bench_one(kind, size, device, quick, anchor, compile_mode, residual_dtype, mlp_backend)
-        return {**row, "model": f"{row['model']}, {inductor}"}
+    inductor = inductor if kind != "anchor" else ""
     label, V, H, W, C, n_layer, d, heads, batch = size
     n, row_len = H * W * C, W * C
     torch.manual_seed(0)
@@ -167,7 +171,8 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype, mlp_backend)
         params = model.num_params()
         flops = model_step_flops(model)
-    ms, mem, compile_s = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
+    with inductor_config.patch(inductor_settings(inductor)):  # torch.compile compiles in the untimed first steps
+        ms, mem, compile_s = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
     tokens_per_sec = batch * n / (ms / 1e3)
     peak = peak_flops()
     mfu = tokens_per_sec * flops / peak if peak else None
@@ -176,10 +181,10 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         torch.cuda.empty_cache()
     torch._dynamo.reset()
     compiled_with = compile_mode if device == "cuda" and kind != "anchor" else "default"  # CPU: eager
-    name = with_settings(kind, compiled_with, residual_dtype, mlp_backend)
-    return {"size": label, "model": name, "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads,
-            "params_M": params / 1e6, "ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "peak_mem_gib": mem, "warmup_s": compile_s}
+    return {"size": label, "model": row_label(kind, compiled_with, residual_dtype, mlp_backend, inductor),
+            "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads, "params_M": params / 1e6,
+            "ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem,
+            "warmup_s": compile_s}
 
 
 def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,
@@ -201,8 +206,7 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
             try:
                 rows.append(bench_one(kind, size, device, quick, anchor, mode, residual, mlp, settings))
             except torch.OutOfMemoryError as e:  # a size that does not fit is a result, not a crash
-                rows.append({"size": size[0], "model": ", ".join(filter(None, [with_settings(kind, mode, residual, mlp),
-                                                                               settings if settings != "none" else ""])),
+                rows.append({"size": size[0], "model": row_label(kind, mode, residual, mlp, settings),
                              "error": f"out of memory: {str(e)[:120]}"})
             print(rows[-1], flush=True)
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,

@@ -55,27 +55,16 @@ def test_option_composes_and_instantiates(group, option, tiny_cfg, tmp_path):
     assert trainer.max_steps == cfg.trainer.max_steps
 
 
+@pytest.mark.parametrize("key,default,other,bad", [("residual_dtype", "float32", "autocast", "bf16"),
+                                                   ("mlp_backend", "torch", "cublaslt", "fused")])
 @pytest.mark.parametrize("model", options("model"))
-def test_residual_dtype_reaches_the_model(model, tiny_cfg):
-    """model.residual_dtype is a key of every model option, passed through to the model; a bad one fails
-    when the config is built."""
-    default = tiny_cfg(f"model={model}")
-    tokenizer = build_tokenizer(default.tokenizer)
-    assert default.model.residual_dtype == "float32"
-    assert model_config(default, tokenizer).residual_dtype == "float32"
-    cfg = tiny_cfg(f"model={model}", "model.residual_dtype=autocast")
-    assert model_config(cfg, tokenizer).residual_dtype == "autocast"
-    with pytest.raises(ValueError, match="residual_dtype must be one of"):
-        model_config(tiny_cfg(f"model={model}", "model.residual_dtype=bf16"), tokenizer)
-
-
-@pytest.mark.parametrize("model", options("model"))
-def test_mlp_backend_reaches_the_model(model, tiny_cfg):
-    """model.mlp_backend is a key of every model option (torch by default), passed through to the model; a bad
-    one fails when the config is built."""
-    default = tiny_cfg(f"model={model}")
-    tokenizer = build_tokenizer(default.tokenizer)
-    assert model_config(default, tokenizer).mlp_backend == "torch"
-    assert model_config(tiny_cfg(f"model={model}", "model.mlp_backend=cublaslt"), tokenizer).mlp_backend == "cublaslt"
-    with pytest.raises(ValueError, match="mlp_backend must be one of"):
-        model_config(tiny_cfg(f"model={model}", "model.mlp_backend=fused"), tokenizer)
+def test_speed_setting_reaches_the_model(model, key, default, other, bad, tiny_cfg):
+    """model.residual_dtype and model.mlp_backend are keys of every model option, passed through to the model;
+    a bad value fails when the config is built."""
+    cfg = tiny_cfg(f"model={model}")
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    assert cfg.model[key] == default
+    assert getattr(model_config(cfg, tokenizer), key) == default
+    assert getattr(model_config(tiny_cfg(f"model={model}", f"model.{key}={other}"), tokenizer), key) == other
+    with pytest.raises(ValueError, match=f"{key} must be one of"):
+        model_config(tiny_cfg(f"model={model}", f"model.{key}={bad}"), tokenizer)
