@@ -1,18 +1,22 @@
 """Causal band attention (`local`) as Triton kernels: query q sees key k when 0 <= q - k < window.
 
-A FlashAttention-style forward over 64 x 64 tiles that visits only the key tiles inside the band, and a
-backward in two kernels without atomics: one program per query tile accumulates dq over its key tiles
-(and computes rowsum(o * do) for the other), then one program per key tile accumulates dk and dv over
-the query tiles that see it. Only the tiles at the window's two edges are masked: with a window of 192
-(a 64 x 64 x 3 row) half of the tiles a query visits lie wholly inside the band and skip the mask. Inputs are the
+A FlashAttention-style forward over 64 x 64 tiles that visits only the key tiles inside the band. The
+backward, where the window fits one tile (a 64 x 64 palette row: 64 keys), is one pass: a program walks a
+strip of consecutive tiles, keeping the previous key tile and its dk, dv so far, so each input is read once
+and each gradient written once. Wider windows take two kernels without atomics: one program per query tile
+accumulates dq over its key tiles (and computes rowsum(o * do) for the other), then one program per key
+tile accumulates dk and dv over the query tiles that see it. Only the tiles at the window's two edges are
+masked: with a window of 192 (a 64 x 64 x 3 row) half of the tiles a query visits lie wholly inside the
+band and skip the mask. Inputs are the
 (B, N, heads, D) projection (strided slices allowed, last dim contiguous); nothing is copied.
 
     y = band_attention(q, k, v, window=64)     # (B, N, h, D) -> (B, N, h, D) contiguous
 
 Runs on CUDA in bf16/fp16 (`band_attention_runs`); its exactness is tested in Triton's CPU interpreter
 (fp32) and on the GPU. `auto` and `backend=triton` run `local` with it. On an H200 (README,
-`scripts/benchmark.py calls`) one call, forward + backward, takes 0.54 ms of GPU time at N=4096 x 16 and
-N=12288 x 4, against 0.83 and 0.90 ms for FlashAttention-2's sliding window. Under torch.compile the
+`scripts/benchmark.py calls`) one call, forward + backward, took 0.54 ms of GPU time at N=4096 x 16 and
+N=12288 x 4 with the two-kernel backward, against 0.83 and 0.90 ms for FlashAttention-2's sliding window;
+the one-pass backward brought N=4096 x 16 to 0.42 ms (`scripts/benchmark.py tune`, benchmarks/h200g). Under torch.compile the
 kernels are custom ops; eager calls go through an autograd.Function, because the custom ops' dispatch
 cost more host time than the kernels' GPU time (which made eager timings vary from 0.55 to 1.06 ms).
 """
@@ -33,6 +37,10 @@ except ImportError:
 # tune` times the alternatives on the GPU. On an H200, 2 pipeline stages ran 4-7% faster than 3
 # (benchmarks/h200c/final/tuning.md), and the GPU exactness tests pass with them (benchmarks/h200d/gpu_tests.log).
 LAUNCH = {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+# The one-pass backward for windows of at most BLOCK keys: (BLOCK, tiles per strip, warps, pipeline stages);
+# BLOCK 0 turns it off (dq and dk/dv kernels for every window). On an H200 at N=4096 x 16, strips of 8 tiles
+# with 4 warps and 2 stages took 0.417 ms per call against 0.502 ms for the two kernels (benchmarks/h200g).
+LAUNCH["strip"] = (64, 8, 4, 2)
 
 
 def band_attention_runs(q: torch.Tensor) -> bool:
@@ -212,6 +220,70 @@ if triton is not None:
         tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=(qs < N)[:, None])
 
+    @triton.jit
+    def _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale, scale):
+        """One (query tile, key tile) pair of the strip backward: its share of dq, dk and dv."""
+        p, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, True)
+        dq += tl.dot(ds, k)
+        dk += tl.dot(tl.trans(ds), q)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        return dq, dk, dv
+
+    @triton.jit
+    def _strip_queries(Q, O, DO, LSE, b, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh, sdb, sdn, sdh):
+        """A query tile's q, do, lse and delta = rowsum(o * do)."""
+        q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
+        do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
+        delta = tl.sum(_tile(O, b, h, qs, d, N, sob, son, soh).to(tl.float32) * do.to(tl.float32), 1)
+        return q, do, tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0), delta
+
+    @triton.jit
+    def _band_bwd_strip(Q, K, V, O, DO, LSE, DQ, DK, DV, N, W, H, S, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                        sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK: tl.constexpr,
+                        D: tl.constexpr):
+        """The whole backward in one pass, for a window of at most BLOCK keys: query tile i then sees only key
+        tiles i-1 and i. One program walks a strip of S tiles in order, keeping key tile i-1 (k, v and its dk, dv
+        so far) from the step before, so each of q, k, v, o, do is read once and dq, dk, dv written once. Tile i-1
+        is complete after query tile i; the tile before the strip's first belongs to the strip before (its
+        share here is not stored), and the strip's last key tile also takes the next strip's first query tile."""
+        first = tl.program_id(0) * S * BLOCK
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        d = tl.arange(0, D)
+        stop = tl.minimum(first + S * BLOCK, N)
+        ks = first - BLOCK + tl.arange(0, BLOCK)  # key tile i-1 (rows before 0 load as zeros)
+        before = (ks >= 0)[:, None]
+        k = tl.load(K + b * skb + h * skh + ks[:, None] * skn + d[None, :], mask=before, other=0.0)
+        v = tl.load(V + b * svb + h * svh + ks[:, None] * svn + d[None, :], mask=before, other=0.0)
+        dk = tl.zeros((BLOCK, D), tl.float32)
+        dv = tl.zeros((BLOCK, D), tl.float32)
+        for m0 in range(first, stop, BLOCK):
+            qs = m0 + tl.arange(0, BLOCK)
+            q, do, lse, delta = _strip_queries(Q, O, DO, LSE, b, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh,
+                                               sdb, sdn, sdh)
+            dq = tl.zeros((BLOCK, D), tl.float32)
+            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale, scale)
+            out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
+            mine = (ks >= first)[:, None]  # key tile i-1 is complete; store it unless the strip before owns it
+            tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mine & (ks < N)[:, None])
+            tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mine & (ks < N)[:, None])
+            ks = qs
+            k = _tile(K, b, h, ks, d, N, skb, skn, skh)
+            v = _tile(V, b, h, ks, d, N, svb, svn, svh)
+            dk = tl.zeros((BLOCK, D), tl.float32)
+            dv = tl.zeros((BLOCK, D), tl.float32)
+            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale, scale)
+            tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=(qs < N)[:, None])
+        qs = stop + tl.arange(0, BLOCK)  # the next strip's first query tile: its share of the last key tile
+        q, do, lse, delta = _strip_queries(Q, O, DO, LSE, b, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh,
+                                           sdb, sdn, sdh)
+        _, dk, dv = _strip_pair(q, do, lse, delta, k, v, tl.zeros((BLOCK, D), tl.float32), dk, dv, qs, ks, N, W,
+                                qk_scale, scale)
+        out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(ks < N)[:, None])
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
+
 
 def _bnh(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, token, head) strides of a (B, N, h, D) tensor."""
@@ -244,9 +316,15 @@ def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     B, N, H, D = q.shape
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    delta = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N): rowsum(o * do)
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
+    block, strip, warps, stages = LAUNCH["strip"]
+    if window <= block:  # one pass (query tile i sees key tiles i-1 and i)
+        _band_bwd_strip[(triton.cdiv(N, block * strip), B * H)](
+            q, k, v, o, grad_out, lse, dq, dk, dv, N, window, H, strip, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
+            *_bnh(grad_out), *_bnh(dq), *scales, BLOCK=block, D=D, num_warps=warps, num_stages=stages)
+        return dq, dk, dv
+    delta = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N): rowsum(o * do)
     bm, bn, warps, stages = LAUNCH["dq"]  # one program per query tile; writes delta first
     _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q),
                                               *_bnh(k), *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales,

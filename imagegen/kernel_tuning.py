@@ -1,8 +1,8 @@
 """Launch settings of our Triton attention kernels, timed on the GPU (`scripts/benchmark.py tune`).
 
-For the band kernel of `local` (imagegen.band_attention) it searches each of its three kernels in turn
-(forward, dk/dv, dq) over tile shapes, warps and pipeline stages, keeping the best so far for the others
-(coordinate descent); for the short-sequence kernel of `column` (imagegen.short_attention) it tries the
+For the band kernel of `local` (imagegen.band_attention) it searches each of its kernels in turn (forward,
+then dk/dv and dq, or the one-pass backward where the window fits one tile) over tile shapes, strip lengths,
+warps and pipeline stages, keeping the best so far for the others (coordinate descent); for the short-sequence kernel of `column` (imagegen.short_attention) it tries the
 warps of its forward and backward kernel. Every time is one attention call, forward + backward, on the
 shapes of the attention table, replayed as a CUDA graph (GPU time: an eager call of these kernels is
 bound by the host), next to what `auto` runs today on the same shapes. The settings found
@@ -21,6 +21,7 @@ from imagegen.benchmark import ATTENTION_SHAPES, attention_call, graph_time_ms
 
 BAND_CHOICES = [(bm, bn, warps, stages) for (bm, bn), warps, stages in
                 itertools.product([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))]
+STRIP_CHOICES = [(64, strip, warps, stages) for strip, warps, stages in itertools.product((4, 8, 16), (4, 8), (1, 2))]
 FWD_WARPS = (1, 2, 4, 8)
 BWD_WARPS = (2, 4, 8)
 
@@ -58,6 +59,8 @@ def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batc
 
 def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
     options = {kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}
+    if grid.row_len <= band_attention.LAUNCH["strip"][0]:  # the one-pass backward runs instead of dkdv and dq
+        options = {"fwd": BAND_CHOICES, "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
     return _coordinate_descent(band_attention.LAUNCH, options, "local", grid, batch, quick)
 
 
@@ -98,7 +101,8 @@ def format_tuning(result: dict) -> str:
         out += ["", f"{r['shape']}: band kernel best {r['band']['best']}; short kernel best {r['short']['best']}"]
         for kernel, times in r["band"]["tried"].items():
             ranked = sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9)
-            out.append(f"- band {kernel} (BLOCK_M, BLOCK_N, warps, stages): "
+            fields = "(BLOCK, tiles per strip, warps, stages)" if kernel == "strip" else "(BLOCK_M, BLOCK_N, warps, stages)"
+            out.append(f"- band {kernel} {fields}: "
                        + ", ".join(f"{k} {_ms(v)}" for k, v in ranked[:6]))
         for key, times in r["short"]["tried"].items():
             out.append(f"- short {key}: " + ", ".join(f"{k} {_ms(v)}" for k, v in times.items()))

@@ -130,10 +130,12 @@ for grid in (Grid(5, 7, 1), Grid(4, 3, 3), Grid(17, 2, 3), Grid(4, 25, 1)):
             yr.backward(base[3][:, :, h0:h1])
             for a, b in ((y, yr), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
                 worst = max(worst, ((a - b).norm() / b.norm()).item())
-    for rows, tiles in ((1, (64, 64)), (2, (64, 64)), (1, (128, 64)), (2, (64, 128))):
+    for rows, tiles, strip in ((1, (64, 64), (64, 1, 4, 2)), (2, (64, 64), (0, 0, 0, 0)),
+                               (1, (128, 64), (0, 0, 0, 0)), (2, (64, 128), (64, 3, 4, 2))):
         # local: the band kernel on strided q, k, v views of one (B, N, 3, h, D) tensor, with the tile
-        # shapes `scripts/benchmark.py tune` may choose
-        band.LAUNCH.update({kernel: (*tiles, 4, 2) for kernel in ("fwd", "dkdv", "dq")})
+        # shapes `scripts/benchmark.py tune` may choose; these windows fit one tile, so the backward is the
+        # one-pass strip kernel (strips of 1 or 3 tiles) or, with it off, the dq and dk/dv kernels
+        band.LAUNCH.update({kernel: (*tiles, 4, 2) for kernel in ("fwd", "dkdv", "dq")}, strip=strip)
         qkv = torch.stack(base[:3], 2).requires_grad_(True)
         y = band_attention(*qkv.unbind(2), window=rows * L)
         y.backward(base[3])
@@ -214,6 +216,7 @@ target = GPUTarget("cuda", 90, 32)  # Hopper (H100/H200)
 for kernel, constexprs in [(band._band_fwd, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
                            (band._band_bwd_dkdv, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
                            (band._band_bwd_dq, dict(BLOCK_M=128, BLOCK_N=64, D=64)),
+                           (band._band_bwd_strip, dict(BLOCK=64, D=64)),
                            (short._short_fwd, dict(BLOCK_S=64, D=64)),
                            (short._short_bwd, dict(BLOCK_S=64, D=64))]:
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, constexprs), constexprs=constexprs),
@@ -235,4 +238,4 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
     done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled for sm_90") == 5
+    assert done.stdout.count("compiled for sm_90") == 6
