@@ -322,41 +322,10 @@ def format_profile(result: dict, top: int = 25) -> str:
     return "\n".join(out)
 
 
-MLP_BENCH_BACKENDS = ("torch", "cublaslt", "fused")
-
-
-def bench_dgelu_launches(tokens: int, d: int, quick: bool = False) -> dict:
-    """The MLP backward's dh = (dy @ proj_weight) * gelu'(h) at tokens x d (hidden 4d): cuBLAS + Inductor's
-    elementwise kernel (compiled) against imagegen.dgelu_matmul with each launch setting, GPU time (CUDA graph)."""
-    from imagegen import dgelu_matmul
-    from imagegen.benchmark import graph_time_ms
-
-    dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(d, 4 * d, device="cuda", dtype=torch.bfloat16) / d**0.5
-    h = torch.randn(tokens, 4 * d, device="cuda", dtype=torch.bfloat16)
-    unfused = torch.compile(lambda dy, w, h: torch.ops.aten.gelu_backward(torch.mm(dy, w), h, approximate="tanh"))
-    ref = unfused(dy, w, h).float()
-    times = {"cuBLAS + Inductor": graph_time_ms(lambda: unfused(dy, w, h), quick),
-             "cuBLAS GEMM alone": graph_time_ms(lambda: torch.mm(dy, w), quick)}
-    saved = dgelu_matmul.LAUNCH["matmul"]
-    try:
-        for launch in dgelu_matmul.LAUNCH_CHOICES[:2] if quick else dgelu_matmul.LAUNCH_CHOICES:
-            dgelu_matmul.LAUNCH["matmul"] = launch
-            err = ((dgelu_matmul.matmul_dgelu(dy, w, h).float() - ref).norm() / ref.norm()).item()
-            times[str(launch)] = graph_time_ms(lambda: dgelu_matmul.matmul_dgelu(dy, w, h), quick)
-            times[f"{launch} rel. diff"] = err
-    finally:
-        dgelu_matmul.LAUNCH["matmul"] = saved
-    torch._dynamo.reset()
-    return times
-
-
 def bench_mlp(quick: bool = False) -> dict:
     """The MLP alone, forward + backward under bf16 autocast and torch.compile, at each size's tokens per step
-    and width, for each model.mlp_backend: torch (cuBLAS GEMMs and Inductor's GELU kernels), cublaslt (the
-    forward GELU in the epilogue of imagegen.gelu_mlp's cuBLASLt GEMM) and fused (also the backward's gelu' in
-    imagegen.dgelu_matmul's GEMM), with the relative difference of output and gradients to torch's; and the
-    backward's dgelu GEMM alone per launch setting (bench_dgelu_launches)."""
+    and width: model.mlp_backend=torch (cuBLAS GEMMs and Inductor's GELU kernels) against cublaslt (the forward
+    GELU in the epilogue of imagegen.gelu_mlp's cuBLASLt GEMM), with the relative difference of output and gradients."""
     from imagegen.model import MLP
 
     rows = []
@@ -366,7 +335,7 @@ def bench_mlp(quick: bool = False) -> dict:
         x = torch.randn(tokens, d, device="cuda", requires_grad=True)  # the LayerNorm's fp32 output
         dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
         results = {}
-        for backend in MLP_BENCH_BACKENDS:
+        for backend in ("torch", "cublaslt"):
             cfg = size_config("sparse", (label, V, H, W, C, 1, d, heads), mlp_backend=backend)
             torch.manual_seed(1)
             mlp = MLP(cfg).cuda()
@@ -384,16 +353,13 @@ def bench_mlp(quick: bool = False) -> dict:
             grads = [y.detach().float(), x.grad.clone(), mlp.fc.weight.grad.clone(), mlp.proj.weight.grad.clone()]
             results[backend] = {"ms": time_ms(step, quick), "kernels": kernel_ms(step), "values": grads}
             torch._dynamo.reset()
-        ref = results["torch"]
-        row = {"size": label, "tokens": tokens, "d": d, "hidden": 4 * d,
-               "dgelu_launches": bench_dgelu_launches(tokens, d, quick)}
-        for backend, got in results.items():
-            row[backend] = {"ms": got["ms"], "kernels": got["kernels"],
-                            "speedup": sum(ref["kernels"].values()) / sum(got["kernels"].values()),
-                            "max_rel_diff": max(((a - b).norm() / b.norm()).item()
-                                                for a, b in zip(got["values"], ref["values"]))}
-        rows.append(row)
-        print({k: v for k, v in row.items() if k not in MLP_BENCH_BACKENDS}, flush=True)
+        ref, got = results["torch"], results["cublaslt"]
+        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(got["values"], ref["values"]))
+        rows.append({"size": label, "tokens": tokens, "d": d, "hidden": 4 * d, "torch_ms": ref["ms"],
+                     "cublaslt_ms": got["ms"],
+                     "speedup": sum(ref["kernels"].values()) / sum(got["kernels"].values()), "max_rel_diff": err,
+                     "torch_kernels": ref["kernels"], "cublaslt_kernels": got["kernels"]})
+        print(rows[-1], flush=True)
     from imagegen import cublaslt
 
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "mlp": rows, "plans": cublaslt.plans()}
@@ -401,25 +367,17 @@ def bench_mlp(quick: bool = False) -> dict:
 
 def format_mlp(result: dict) -> str:
     out = [(f"The MLP alone, forward + backward, bf16 autocast, compiled ({result['device']}, torch {result['torch']}; "
-            "medians), per model.mlp_backend: torch; cublaslt (the forward GELU in the fc GEMM's epilogue); fused "
-            "(also gelu' in the backward's first GEMM, a Triton kernel). The times include the host's time to issue "
-            "the calls; the speed-ups are of the kernels' GPU time, against torch."),
-           "| size | tokens x d (hidden) | backend | ms | speed-up (kernels) | max rel. diff to torch (y, dx, dW1, dW2) |",
-           "|---|---|---|---|---|---|"]
+            "medians): model.mlp_backend=torch vs cublaslt (the forward GELU in the fc GEMM's epilogue). The times "
+            "include the host's time to issue the calls; the speed-up is of the kernels' GPU time."),
+           "| size | tokens x d (hidden) | torch ms | cublaslt ms | speed-up (kernels) | "
+           "max rel. diff (y, dx, dW1, dW2) |", "|---|---|---|---|---|---|"]
     for r in result["mlp"]:
-        for backend in MLP_BENCH_BACKENDS:
-            b = r[backend]
-            out.append(f"| {r['size']} | {r['tokens']} x {r['d']} ({r['hidden']}) | {backend} | {b['ms']:.3f} | "
-                       f"{b['speedup']:.2f}x | {b['max_rel_diff']:.1e} |")
-    out += ["", ("The backward's dh = (dy @ proj_weight) * gelu'(h) alone, GPU time (ms, CUDA graph replay); rel. diff "
-                 "of each launch setting (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) to cuBLAS + Inductor:")]
+        out.append(f"| {r['size']} | {r['tokens']} x {r['d']} ({r['hidden']}) | {r['torch_ms']:.3f} | "
+                   f"{r['cublaslt_ms']:.3f} | "
+                   f"{r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |")
     for r in result["mlp"]:
-        t = r["dgelu_launches"]
-        out.append(f"- {r['size']} ({r['tokens']} x {r['d']} x {r['hidden']}): " + ", ".join(
-            f"{k} {v:.4f}" if "rel. diff" not in k else f"({v:.1e})" for k, v in t.items()))
-    for r in result["mlp"]:
-        for backend in MLP_BENCH_BACKENDS:
-            kernels = r[backend]["kernels"]
+        for backend in ("torch", "cublaslt"):
+            kernels = r[f"{backend}_kernels"]
             out += ["", f"{r['size']}, mlp_backend={backend}: GPU time per kernel ({sum(kernels.values()):.3f} ms in all)"]
             out += [f"- {ms:.3f} ms `{name[:90]}`" for name, ms in kernels.items()]
     out += ["", "cuBLASLt algorithms: each shape's heuristic candidates timed on its first call (ms), and the one kept:"]

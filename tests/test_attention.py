@@ -197,7 +197,7 @@ import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from imagegen import band_attention as band, dgelu_matmul, short_attention as short
+from imagegen import band_attention as band, short_attention as short
 
 def signature(kernel, constexprs):
     types = {}
@@ -223,14 +223,6 @@ for kernel, constexprs in [(band._band_fwd, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
                               target=target, options={"num_warps": 4, "num_stages": 3})
     assert "cubin" in compiled.asm, kernel.fn.__name__
     print(kernel.fn.__name__, "compiled for sm_90")
-matmul = dict(A="*bf16", B="*bf16", H="*bf16", OUT="*bf16", M="i32", N="i32", K="i32", BLOCK_M="constexpr",
-              BLOCK_N="constexpr", BLOCK_K="constexpr", GROUP_M="constexpr")
-for bm, bn, bk, group, warps, stages in dgelu_matmul.LAUNCH_CHOICES:
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group)
-    compiled = triton.compile(ASTSource(fn=dgelu_matmul._matmul_dgelu, signature=matmul, constexprs=constexprs),
-                              target=target, options={"num_warps": warps, "num_stages": stages})
-    assert "cubin" in compiled.asm
-print("_matmul_dgelu compiled for sm_90")
 """
 
 
@@ -246,4 +238,4 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
     done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled for sm_90") == 7
+    assert done.stdout.count("compiled for sm_90") == 6
