@@ -59,8 +59,11 @@ def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batc
 
 def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
     options = {kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}
-    if grid.row_len <= band_attention.LAUNCH["strip"][0]:  # the one-pass backward runs instead of dkdv and dq
-        options = {"fwd": BAND_CHOICES, "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
+    # where a one-pass backward runs instead of dkdv and dq, its settings, and (0, ...) for the two kernels
+    if grid.row_len <= band_attention.LAUNCH["strip"][0]:
+        options = {"fwd": BAND_CHOICES, "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}
+    elif 128 < grid.row_len <= 192:
+        options = {"fwd": BAND_CHOICES, "strip3": [(0, 0, 0, 0)] + STRIP_CHOICES}
     return _coordinate_descent(band_attention.LAUNCH, options, "local", grid, batch, quick)
 
 
@@ -69,10 +72,11 @@ def tune_short(grid: Grid, batch: int, quick: bool = False) -> dict:
     return _coordinate_descent(short_attention.LAUNCH, options, "column", grid, batch, quick)
 
 
-def tune(quick: bool = False) -> dict:
-    """The band and short-sequence kernels tuned on each attention-table shape, beside `auto`."""
+def tune(quick: bool = False, shapes: list[int] | None = None) -> dict:
+    """The band and short-sequence kernels tuned on each attention-table shape (or those indexed by `shapes`),
+    beside `auto`."""
     rows = []
-    for label, grid, batch in ATTENTION_SHAPES:
+    for label, grid, batch in [ATTENTION_SHAPES[i] for i in shapes] if shapes else ATTENTION_SHAPES:
         row = {"shape": label, "N": grid.num_tokens, "batch": batch,
                "auto_local": _timed("local", grid, batch, "auto"),
                "auto_column": _timed("column", grid, batch, "auto"),
@@ -101,7 +105,8 @@ def format_tuning(result: dict) -> str:
         out += ["", f"{r['shape']}: band kernel best {r['band']['best']}; short kernel best {r['short']['best']}"]
         for kernel, times in r["band"]["tried"].items():
             ranked = sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9)
-            fields = "(BLOCK, tiles per strip, warps, stages)" if kernel == "strip" else "(BLOCK_M, BLOCK_N, warps, stages)"
+            fields = ("(BLOCK, tiles per strip, warps, stages)" if kernel.startswith("strip") else
+                      "(BLOCK_M, BLOCK_N, warps, stages)")
             out.append(f"- band {kernel} {fields}: "
                        + ", ".join(f"{k} {_ms(v)}" for k, v in ranked[:6]))
         for key, times in r["short"]["tried"].items():

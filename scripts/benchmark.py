@@ -9,7 +9,7 @@
     (train and profile: --residual-dtypes float32 autocast also times the bf16 residual stream,
      --mlp-backends torch cublaslt the MLP with its forward GELU in a cuBLASLt GEMM epilogue)
     python scripts/benchmark.py mlp [--out mlp.json]                # the MLP alone, fwd+bwd: torch vs cublaslt MLP (GPU)
-    python scripts/benchmark.py tune [--out tuning.json]            # launch settings of our Triton kernels (GPU)
+    python scripts/benchmark.py tune [--sizes 0 1] [--out tuning.json]  # launch settings of our Triton kernels (GPU)
     python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
@@ -29,7 +29,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
-    parser.add_argument("--sizes", type=int, nargs="+", help="train: which of the sizes to run (0, 1, 2); profile: the first")
+    parser.add_argument("--sizes", type=int, nargs="+", help="train: which of the sizes to run (0, 1, 2); profile: the first; tune: which "
+                             "attention-table shapes (0: N=4096 x 16, 1: N=12288 x 4)")
     parser.add_argument("--model", default="sparse", choices=["dense", "sparse"], help="profile: which model")
     parser.add_argument("--models", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
                         help="train: which of our models to time beside the anchor")
@@ -53,7 +54,7 @@ def main():
     if args.what == "tune":
         from imagegen import kernel_tuning
 
-        result = kernel_tuning.tune()
+        result = kernel_tuning.tune(shapes=args.sizes)
         print(kernel_tuning.format_tuning(result))
     elif args.what == "calls":
         result = benchmark.bench_call_costs()

@@ -11,6 +11,7 @@
 #            torch._inductor.config settings, one row each, e.g. "none triton.mix_order_reduction_split_size=64";
 #            TRAIN_TIMEOUT seconds)
 # tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
+#            (TUNE_SIZES: which attention-table shapes, default both: "0 1")
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 #            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend)
@@ -64,7 +65,7 @@ for stage in "$@"; do
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
     mlp) python scripts/benchmark.py mlp --out "$OUT/mlp.json" | tee "$OUT/mlp.md" ;;
     calls) python scripts/benchmark.py calls --out "$OUT/calls.json" | tee "$OUT/calls.md" ;;
-    tune) python scripts/benchmark.py tune --out "$OUT/tuning.json" | tee "$OUT/tuning.md" ;;
+    tune) python scripts/benchmark.py tune ${TUNE_SIZES:+--sizes $TUNE_SIZES} --out "$OUT/tuning.json" | tee "$OUT/tuning.md" ;;
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
                python scripts/benchmark.py profile --model sparse --sizes "$size" \
                  --residual-dtypes "${PROFILE_RESIDUAL:-float32}" --mlp-backends "${PROFILE_MLP:-torch}" \
