@@ -41,8 +41,8 @@ LAUNCH = {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
 # BLOCK 0 turns it off (dq and dk/dv kernels for every window). On an H200 at N=4096 x 16, strips of 8 tiles
 # with 4 warps and 2 stages took 0.417 ms per call against 0.502 ms for the two kernels (benchmarks/h200g).
 LAUNCH["strip"] = (64, 8, 4, 2)
-# The same for windows of more than 2 and at most 3 BLOCKs (a 64 x 64 x 3 row: 192 keys), keeping three key tiles
-LAUNCH["strip3"] = (64, 8, 8, 2)
+# A version for windows of up to three tiles (192 keys), keeping three key tiles, was exact but 2.5x slower than
+# the two kernels at N=12288 x 4 (1.35 vs 0.53 ms; commit 528dc66, benchmarks/h200g/strip3), and was removed.
 
 
 def band_attention_runs(q: torch.Tensor) -> bool:
@@ -287,82 +287,6 @@ if triton is not None:
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
 
 
-    @triton.jit
-    def _tile_or_zero(ptr, b, h, rows, d, N, sb, sn, sh):
-        """_tile, with rows before 0 (key tiles before a strip's start at the sequence's start) as zeros."""
-        return tl.load(ptr + b * sb + h * sh + rows[:, None] * sn + d[None, :], mask=((rows >= 0) & (rows < N))[:, None],
-                       other=0.0)
-
-    @triton.jit
-    def _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh):
-        """dk, dv of a complete key tile, unless a strip before owns it (ks < first) or it lies past N."""
-        out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
-        mine = ((ks >= first) & (ks < N))[:, None]
-        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mine)
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mine)
-
-    @triton.jit
-    def _band_bwd_strip3(Q, K, V, O, DO, LSE, DQ, DK, DV, N, W, H, S, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                         sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK: tl.constexpr,
-                         D: tl.constexpr):
-        """_band_bwd_strip for windows of at most 3 * BLOCK keys (a 64 x 64 x 3 row: 192): query tile i sees key
-        tiles i-3 .. i, so the program keeps three key tiles, a = i-3, b = i-2, c = i-1, with their dk, dv so far.
-        Tile i-3 is complete after query tile i; the strip's last three key tiles also take the next strip's
-        first three query tiles."""
-        first = tl.program_id(0) * S * BLOCK
-        bh = tl.program_id(1)
-        bi, h = bh // H, bh % H
-        d = tl.arange(0, D)
-        stop = tl.minimum(first + S * BLOCK, N)
-        zeros = tl.zeros((BLOCK, D), tl.float32)
-        ks_a = first - 3 * BLOCK + tl.arange(0, BLOCK)
-        ks_b = ks_a + BLOCK
-        ks_c = ks_b + BLOCK
-        k_a = _tile_or_zero(K, bi, h, ks_a, d, N, skb, skn, skh)
-        v_a = _tile_or_zero(V, bi, h, ks_a, d, N, svb, svn, svh)
-        k_b = _tile_or_zero(K, bi, h, ks_b, d, N, skb, skn, skh)
-        v_b = _tile_or_zero(V, bi, h, ks_b, d, N, svb, svn, svh)
-        k_c = _tile_or_zero(K, bi, h, ks_c, d, N, skb, skn, skh)
-        v_c = _tile_or_zero(V, bi, h, ks_c, d, N, svb, svn, svh)
-        dk_a, dv_a, dk_b, dv_b, dk_c, dv_c = zeros, zeros, zeros, zeros, zeros, zeros
-        for m0 in range(first, stop, BLOCK):
-            qs = m0 + tl.arange(0, BLOCK)
-            q, do, lse, delta = _strip_queries(Q, O, DO, LSE, bi, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh,
-                                               sdb, sdn, sdh)
-            dq, dk_a, dv_a = _strip_pair(q, do, lse, delta, k_a, v_a, zeros, dk_a, dv_a, qs, ks_a, N, W, qk_scale,
-                                         scale)
-            _store_key_grads(DK, DV, dk_a, dv_a, bi, h, ks_a, d, first, N, sgb, sgn, sgh)  # tile i-3 is complete
-            dq, dk_b, dv_b = _strip_pair(q, do, lse, delta, k_b, v_b, dq, dk_b, dv_b, qs, ks_b, N, W, qk_scale, scale)
-            dq, dk_c, dv_c = _strip_pair(q, do, lse, delta, k_c, v_c, dq, dk_c, dv_c, qs, ks_c, N, W, qk_scale, scale)
-            k_i = _tile(K, bi, h, qs, d, N, skb, skn, skh)
-            v_i = _tile(V, bi, h, qs, d, N, svb, svn, svh)
-            dq, dk_i, dv_i = _strip_pair(q, do, lse, delta, k_i, v_i, dq, zeros, zeros, qs, qs, N, W, qk_scale, scale)
-            tl.store(DQ + bi * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
-                     mask=(qs < N)[:, None])
-            ks_a, k_a, v_a, dk_a, dv_a = ks_b, k_b, v_b, dk_b, dv_b
-            ks_b, k_b, v_b, dk_b, dv_b = ks_c, k_c, v_c, dk_c, dv_c
-            ks_c, k_c, v_c, dk_c, dv_c = qs, k_i, v_i, dk_i, dv_i
-        # the next strip's first three query tiles (or rows past N, which see nothing): their shares of the
-        # last three key tiles, each stored once complete
-        qs = first + S * BLOCK + tl.arange(0, BLOCK)
-        q, do, lse, delta = _strip_queries(Q, O, DO, LSE, bi, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh, sdb, sdn,
-                                           sdh)
-        _, dk_a, dv_a = _strip_pair(q, do, lse, delta, k_a, v_a, zeros, dk_a, dv_a, qs, ks_a, N, W, qk_scale, scale)
-        _store_key_grads(DK, DV, dk_a, dv_a, bi, h, ks_a, d, first, N, sgb, sgn, sgh)
-        _, dk_b, dv_b = _strip_pair(q, do, lse, delta, k_b, v_b, zeros, dk_b, dv_b, qs, ks_b, N, W, qk_scale, scale)
-        _, dk_c, dv_c = _strip_pair(q, do, lse, delta, k_c, v_c, zeros, dk_c, dv_c, qs, ks_c, N, W, qk_scale, scale)
-        qs += BLOCK
-        q, do, lse, delta = _strip_queries(Q, O, DO, LSE, bi, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh, sdb, sdn,
-                                           sdh)
-        _, dk_b, dv_b = _strip_pair(q, do, lse, delta, k_b, v_b, zeros, dk_b, dv_b, qs, ks_b, N, W, qk_scale, scale)
-        _store_key_grads(DK, DV, dk_b, dv_b, bi, h, ks_b, d, first, N, sgb, sgn, sgh)
-        _, dk_c, dv_c = _strip_pair(q, do, lse, delta, k_c, v_c, zeros, dk_c, dv_c, qs, ks_c, N, W, qk_scale, scale)
-        qs += BLOCK
-        q, do, lse, delta = _strip_queries(Q, O, DO, LSE, bi, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh, sdb, sdn,
-                                           sdh)
-        _, dk_c, dv_c = _strip_pair(q, do, lse, delta, k_c, v_c, zeros, dk_c, dv_c, qs, ks_c, N, W, qk_scale, scale)
-        _store_key_grads(DK, DV, dk_c, dv_c, bi, h, ks_c, d, first, N, sgb, sgn, sgh)
-
 def _bnh(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, token, head) strides of a (B, N, h, D) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
@@ -396,11 +320,9 @@ def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         grad_out = grad_out.contiguous()
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
-    one_tile, three_tiles = LAUNCH["strip"][0], LAUNCH["strip3"][0]
-    if window <= one_tile or 2 * three_tiles < window <= 3 * three_tiles:  # one pass over strips of tiles
-        kernel, (block, strip, warps, stages) = ((_band_bwd_strip, LAUNCH["strip"]) if window <= one_tile else
-                                                 (_band_bwd_strip3, LAUNCH["strip3"]))
-        kernel[(triton.cdiv(N, block * strip), B * H)](
+    block, strip, warps, stages = LAUNCH["strip"]
+    if window <= block:  # one pass (query tile i sees key tiles i-1 and i)
+        _band_bwd_strip[(triton.cdiv(N, block * strip), B * H)](
             q, k, v, o, grad_out, lse, dq, dk, dv, N, window, H, strip, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
             *_bnh(grad_out), *_bnh(dq), *scales, BLOCK=block, D=D, num_warps=warps, num_stages=stages)
         return dq, dk, dv

@@ -59,11 +59,8 @@ def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batc
 
 def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
     options = {kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}
-    # where a one-pass backward runs instead of dkdv and dq, its settings, and (0, ...) for the two kernels
-    if grid.row_len <= band_attention.LAUNCH["strip"][0]:
-        options = {"fwd": BAND_CHOICES, "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}
-    elif 128 < grid.row_len <= 192:
-        options = {"fwd": BAND_CHOICES, "strip3": [(0, 0, 0, 0)] + STRIP_CHOICES}
+    if grid.row_len <= band_attention.LAUNCH["strip"][0]:  # the one-pass backward runs instead of dkdv and dq
+        options = {"fwd": BAND_CHOICES, "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
     return _coordinate_descent(band_attention.LAUNCH, options, "local", grid, batch, quick)
 
 
@@ -105,8 +102,7 @@ def format_tuning(result: dict) -> str:
         out += ["", f"{r['shape']}: band kernel best {r['band']['best']}; short kernel best {r['short']['best']}"]
         for kernel, times in r["band"]["tried"].items():
             ranked = sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9)
-            fields = ("(BLOCK, tiles per strip, warps, stages)" if kernel.startswith("strip") else
-                      "(BLOCK_M, BLOCK_N, warps, stages)")
+            fields = "(BLOCK, tiles per strip, warps, stages)" if kernel == "strip" else "(BLOCK_M, BLOCK_N, warps, stages)"
             out.append(f"- band {kernel} {fields}: "
                        + ", ".join(f"{k} {_ms(v)}" for k, v in ranked[:6]))
         for key, times in r["short"]["tried"].items():

@@ -44,7 +44,7 @@ def test_kernel_tuning_keeps_the_fastest_setting_per_key_and_restores_the_defaul
                      - 1000 * (launch["strip"] == (64, 16, 4, 1)))
 
     monkeypatch.setattr(kernel_tuning, "_timed", fake_time)
-    found = kernel_tuning.tune_band(Grid(8, 100, 1), 2)  # rows of 100 tokens: a window of two tiles
+    found = kernel_tuning.tune_band(Grid(8, 100, 1), 2)  # rows of 100 tokens: a window wider than a tile
     assert found["best"] == {**band_defaults, "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (128, 64, 8, 3)}
     assert found["tried"]["dkdv"][str((128, 128, 4, 2))].startswith("failed")
     assert set(found["tried"]) == {"fwd", "dkdv", "dq"}
@@ -52,8 +52,6 @@ def test_kernel_tuning_keeps_the_fastest_setting_per_key_and_restores_the_defaul
     assert set(found["tried"]) == {"fwd", "strip"}
     assert found["best"]["strip"] == (64, 16, 4, 1)
     assert str((0, 0, 0, 0)) in found["tried"]["strip"]  # the two-kernel backward, timed beside it
-    found = kernel_tuning.tune_band(Grid(8, 64, 3), 2)  # rows of 192 tokens: the three-tile one-pass backward
-    assert set(found["tried"]) == {"fwd", "strip3"}
     assert band_attention.LAUNCH == band_defaults and short_attention.LAUNCH == short_defaults
 
 
