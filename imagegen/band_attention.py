@@ -7,8 +7,8 @@ and each gradient written once. Wider windows take two kernels without atomics: 
 accumulates dq over its key tiles (and computes rowsum(o * do) for the other), then one program per key
 tile accumulates dk and dv over the query tiles that see it. Only the tiles at the window's two edges are
 masked: with a window of 192 (a 64 x 64 x 3 row) half of the tiles a query visits lie wholly inside the
-band and skip the mask. Inputs are the
-(B, N, heads, D) projection (strided slices allowed, last dim contiguous); nothing is copied.
+band and skip the mask. Inputs are the (B, N, heads, D) projection (strided slices allowed, last dim
+contiguous); nothing is copied.
 
     y = band_attention(q, k, v, window=64)     # (B, N, h, D) -> (B, N, h, D) contiguous
 
@@ -16,9 +16,10 @@ Runs on CUDA in bf16/fp16 (`band_attention_runs`); its exactness is tested in Tr
 (fp32) and on the GPU. `auto` and `backend=triton` run `local` with it. On an H200 (README,
 `scripts/benchmark.py calls`) one call, forward + backward, took 0.54 ms of GPU time at N=4096 x 16 and
 N=12288 x 4 with the two-kernel backward, against 0.83 and 0.90 ms for FlashAttention-2's sliding window;
-the one-pass backward brought N=4096 x 16 to 0.42 ms (`scripts/benchmark.py tune`, benchmarks/h200g). Under torch.compile the
-kernels are custom ops; eager calls go through an autograd.Function, because the custom ops' dispatch
-cost more host time than the kernels' GPU time (which made eager timings vary from 0.55 to 1.06 ms).
+the one-pass backward brought N=4096 x 16 to 0.42 ms (`scripts/benchmark.py tune`, benchmarks/h200g).
+Under torch.compile the kernels are custom ops; eager calls go through an autograd.Function, because the
+custom ops' dispatch cost more host time than the kernels' GPU time (which made eager timings vary from
+0.55 to 1.06 ms).
 """
 
 from __future__ import annotations
@@ -240,6 +241,14 @@ if triton is not None:
         return q, do, tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0), delta
 
     @triton.jit
+    def _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh):
+        """dk, dv of a complete key tile, unless the strip before owns it (ks < first) or it lies past N."""
+        out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
+        mine = ((ks >= first) & (ks < N))[:, None]
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mine)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mine)
+
+    @triton.jit
     def _band_bwd_strip(Q, K, V, O, DO, LSE, DQ, DK, DV, N, W, H, S, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                         sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK: tl.constexpr,
                         D: tl.constexpr):
@@ -265,10 +274,7 @@ if triton is not None:
                                                sdb, sdn, sdh)
             dq = tl.zeros((BLOCK, D), tl.float32)
             dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale, scale)
-            out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
-            mine = (ks >= first)[:, None]  # key tile i-1 is complete; store it unless the strip before owns it
-            tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mine & (ks < N)[:, None])
-            tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mine & (ks < N)[:, None])
+            _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh)  # key tile i-1 is complete
             ks = qs
             k = _tile(K, b, h, ks, d, N, skb, skn, skh)
             v = _tile(V, b, h, ks, d, N, svb, svn, svh)
@@ -282,9 +288,7 @@ if triton is not None:
                                            sdb, sdn, sdh)
         _, dk, dv = _strip_pair(q, do, lse, delta, k, v, tl.zeros((BLOCK, D), tl.float32), dk, dv, qs, ks, N, W,
                                 qk_scale, scale)
-        out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
-        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(ks < N)[:, None])
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
+        _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh)
 
 
 def _bnh(t: torch.Tensor) -> tuple[int, int, int]:
