@@ -113,3 +113,12 @@ def test_inductor_settings_are_parsed_as_literals():
         inductor_settings("max_autotune")
     with pytest.raises(ValueError, match="no Inductor setting 'triton.no_such_thing'"):
         inductor_settings("triton.no_such_thing=1")
+
+
+@pytest.mark.parametrize("what,sizes", [("train", ["3"]), ("profile", ["-1"]), ("tune", ["0", "2"])])
+def test_benchmark_refuses_sizes_it_does_not_have(what, sizes):
+    """A size index out of range stops the script before anything runs (train has sizes 0-2, tune 0-1)."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), what, "--quick", "--sizes", *sizes],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert f"--sizes for {what} are 0 to" in done.stderr
