@@ -49,8 +49,8 @@ def main():
             train_benchmark.inductor_settings(settings)
         except ValueError as e:
             parser.error(str(e))
-    shapes = {"train": len(train_benchmark.SIZES), "profile": len(train_benchmark.SIZES),
-              "tune": len(benchmark.ATTENTION_SHAPES)}
+    sizes = train_benchmark.QUICK_SIZES if args.quick else train_benchmark.SIZES  # the table the run indexes
+    shapes = {"train": len(sizes), "profile": len(sizes), "tune": len(benchmark.ATTENTION_SHAPES)}
     if args.sizes and args.what in shapes and not all(0 <= i < shapes[args.what] for i in args.sizes):
         parser.error(f"--sizes for {args.what} are 0 to {shapes[args.what] - 1}, got {args.sizes}")
     if args.what in ("largest", "tune", "calls", "mlp") and not torch.cuda.is_available():

@@ -115,9 +115,11 @@ def test_inductor_settings_are_parsed_as_literals():
         inductor_settings("triton.no_such_thing=1")
 
 
-@pytest.mark.parametrize("what,sizes", [("train", ["3"]), ("profile", ["-1"]), ("tune", ["0", "2"])])
+@pytest.mark.parametrize("what,sizes", [("train", ["3"]), ("profile", ["-1"]), ("tune", ["0", "2"]),
+                                        ("profile", ["2"])])
 def test_benchmark_refuses_sizes_it_does_not_have(what, sizes):
-    """A size index out of range stops the script before anything runs (train has sizes 0-2, tune 0-1)."""
+    """A size index out of range stops the script before anything runs (train has sizes 0-2, or 0-1 with
+    --quick; tune 0-1)."""
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), what, "--quick", "--sizes", *sizes],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2
