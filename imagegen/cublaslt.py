@@ -10,9 +10,10 @@ GEMM's fp32 accumulator:
 `runs(a, b)` says whether a call qualifies: CUDA tensors in bf16 or fp16, `a` contiguous (row-major), `b`
 contiguous or the transpose of a contiguous matrix (a Linear weight's .t()), K and N multiples of 8 (16-byte
 aligned rows), both starting at a 256-byte boundary (as fresh PyTorch allocations do; cuBLASLt's heuristic
-assumes that by default, so an algorithm chosen once fits every later call). The library is the libcublasLt PyTorch itself loaded. Each shape's algorithm is chosen once: on its
-first call the candidates of cuBLASLt's heuristic are timed and the fastest is kept (`plans()` lists them).
-No workspace is used, so nothing is allocated outside PyTorch (CUDA-graph capture safe).
+assumes that by default, so an algorithm chosen once fits every later call). The library is the libcublasLt
+PyTorch itself loaded. Each shape's algorithm is chosen once: on its first call the candidates of cuBLASLt's
+heuristic are timed and the fastest is kept (`plans()` lists them). No workspace is used, so nothing is
+allocated outside PyTorch (CUDA-graph capture safe).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 For the band kernel of `local` (imagegen.band_attention) it searches each of its kernels in turn (forward,
 then dk/dv and dq, or the one-pass backward where the window fits one tile) over tile shapes, strip lengths,
-warps and pipeline stages, keeping the best so far for the others (coordinate descent); for the short-sequence kernel of `column` (imagegen.short_attention) it tries the
-warps of its forward and backward kernel. Every time is one attention call, forward + backward, on the
+warps and pipeline stages, keeping the best so far for the others (coordinate descent); for the
+short-sequence kernel of `column` (imagegen.short_attention) it tries the warps of its forward and backward
+kernel. Every time is one attention call, forward + backward, on the
 shapes of the attention table, replayed as a CUDA graph (GPU time: an eager call of these kernels is
 bound by the host), next to what `auto` runs today on the same shapes. The settings found
 are printed, not applied: the defaults in those modules are edited by hand from a run's output.
@@ -102,7 +103,8 @@ def format_tuning(result: dict) -> str:
         out += ["", f"{r['shape']}: band kernel best {r['band']['best']}; short kernel best {r['short']['best']}"]
         for kernel, times in r["band"]["tried"].items():
             ranked = sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9)
-            fields = "(BLOCK, tiles per strip, warps, stages)" if kernel == "strip" else "(BLOCK_M, BLOCK_N, warps, stages)"
+            fields = "(BLOCK, tiles per strip, warps, stages)" if kernel == "strip" else \
+                "(BLOCK_M, BLOCK_N, warps, stages)"
             out.append(f"- band {kernel} {fields}: "
                        + ", ".join(f"{k} {_ms(v)}" for k, v in ranked[:6]))
         for key, times in r["short"]["tried"].items():

@@ -294,8 +294,8 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     for k in kernels:
         groups[k["group"]] = groups.get(k["group"], 0.0) + k["ms_per_step"]
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "size": label, "model": with_settings(kind, residual_dtype=residual_dtype, mlp_backend=mlp_backend), "N": H * W * C,
-            "batch": batch, "timed_ms_per_step": timed_ms,
+            "size": label, "model": with_settings(kind, residual_dtype=residual_dtype, mlp_backend=mlp_backend),
+            "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms,
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
             "operators": operators}
 

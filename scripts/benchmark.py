@@ -29,7 +29,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
-    parser.add_argument("--sizes", type=int, nargs="+", help="train: which of the sizes to run (0, 1, 2); profile: the first; tune: which "
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        help="train: which of the sizes to run (0, 1, 2); profile: the first; tune: which "
                              "attention-table shapes (0: N=4096 x 16, 1: N=12288 x 4)")
     parser.add_argument("--model", default="sparse", choices=["dense", "sparse"], help="profile: which model")
     parser.add_argument("--models", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
