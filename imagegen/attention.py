@@ -34,9 +34,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from imagegen.band_attention import band_attention, band_attention_runs
+from imagegen.band_attention import band_attention, band_attention_packed, band_attention_runs
 from imagegen.patterns import LayerSpec, PatternParams, union_mask
-from imagegen.short_attention import short_attention_runs, short_causal_attention
+from imagegen.short_attention import sequences, short_attention_runs, short_causal_attention, short_causal_attention_packed
 from imagegen.window_attention import flash_window_runs, window_attention
 
 BACKENDS = ("auto", "reference", "axial", "triton", "banded", "flash", "flex")
@@ -113,18 +113,12 @@ def _axial_length(grid: Grid, axis: str) -> int:
 def triton_axial_attention(q, k, v, grid: Grid, axis: str = "column"):
     """`column` or `row` through imagegen.short_attention: (B, N, h, D) -> (B, N, h, D)."""
     B, N, h, D = q.shape
-    H, L = grid.height, grid.row_len
     if not short_attention_runs(q, _axial_length(grid, axis)):
         raise RuntimeError(f"the triton backend needs CUDA, bf16/fp16 inputs, head dim 16/32/64/128 and a "
                            f"{axis} of at most 128 tokens (got {_axial_length(grid, axis)}); "
                            "use backend=auto or axial")
-
-    def view(t):  # (B, N, h, D) -> (n0, S, n1, n2, D), sequence on dim 1; no copy
-        if axis == "column":  # sequences = (image, column*channel, head), S = image rows
-            return t.reshape(B, H, L, h, D)
-        return t.reshape(B * H, L, 1, h, D)  # sequences = (image row, head), S = the row
-
-    return short_causal_attention(view(q), view(k), view(v)).view(B, N, h, D)
+    column = axis == "column"
+    return short_causal_attention(*(sequences(t, grid.height, column) for t in (q, k, v))).view(B, N, h, D)
 
 
 def triton_local_attention(q, k, v, grid: Grid, rows: int = 1):
@@ -298,3 +292,18 @@ def attend(q, k, v, spec: LayerSpec, grid: Grid, params: PatternParams, backend:
         else:
             outs.append(reference_attention(qs, ks, vs, grid, names, params))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def attend_packed(qkv, spec: LayerSpec, grid: Grid, params: PatternParams, backend: str = "auto"):
+    """One layer's attention on its packed projection: (B, N, 3, h, D) -> (B, N, h, D). When the whole layer
+    runs on one of our Triton kernels (one head group of `local`, `column` or `row`), the kernels read q, k,
+    v in place and the backward writes one packed gradient, so the projection's backward is one dgrad and
+    one wgrad GEMM with nothing copied; otherwise `attend` on the three strided slices."""
+    q, k, v = qkv.unbind(2)  # each (B, N, h, D)
+    groups = spec.head_groups(qkv.shape[3])
+    single = groups[0][0][0] if len(groups) == 1 and len(groups[0][0]) == 1 else None
+    if backend in ("auto", "triton") and _triton_runs(single, q, grid):
+        if single == "local":
+            return band_attention_packed(qkv, window=params.rows * grid.row_len)
+        return short_causal_attention_packed(qkv, grid.height, single == "column")
+    return attend(q, k, v, spec, grid, params, backend)

@@ -319,17 +319,25 @@ def _(q, k, v, window):
 
 def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                      lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    _backward_into(grad_out, q, k, v, o, lse, window, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, window: int, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Writes the gradients into dq, dk, dv: (B, N, h, D) tensors of one shape and the same strides (three
+    contiguous tensors, or the q, k, v slices of one packed (B, N, 3, h, D) gradient)."""
     B, N, H, D = q.shape
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
     block, strip, warps, stages = LAUNCH["strip"]
     if window <= block:  # one pass (query tile i sees key tiles i-1 and i)
         _band_bwd_strip[(triton.cdiv(N, block * strip), B * H)](
             q, k, v, o, grad_out, lse, dq, dk, dv, N, window, H, strip, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
             *_bnh(grad_out), *_bnh(dq), *scales, BLOCK=block, D=D, num_warps=warps, num_stages=stages)
-        return dq, dk, dv
+        return
     delta = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N): rowsum(o * do)
     bm, bn, warps, stages = LAUNCH["dq"]  # one program per query tile; writes delta first
     _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q),
@@ -339,7 +347,6 @@ def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H,
                                                 *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales,
                                                 BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
-    return dq, dk, dv
 
 
 _backward_op = torch.library.custom_op("imagegen::band_attention_bwd", _launch_backward, mutates_args=())
@@ -389,3 +396,78 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     if torch.compiler.is_compiling():
         return _forward(q, k, v, window)[0]
     return _EagerBandAttention.apply(q, k, v, window)
+
+
+# The packed form: one (B, N, 3, h, D) projection in, one packed gradient out. A layer that projects q, k, v with
+# one (B*N, C) x (C, 3C) GEMM hands its output over as it is (the kernels read the three strided slices), and the
+# backward writes dq, dk, dv into the slices of one tensor, which is the gradient of that GEMM's output: one
+# dgrad and one wgrad GEMM follow, with nothing copied in between (imagegen.attention.attend_packed).
+
+
+def _launch_forward_packed(qkv: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(*qkv.unbind(2), window)
+
+
+def _launch_backward_packed(grad_out: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                            window: int) -> torch.Tensor:
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, N, 3, h, D)
+    _backward_into(grad_out, *qkv.unbind(2), o, lse, window, *dqkv.unbind(2))
+    return dqkv
+
+
+_forward_packed = torch.library.custom_op("imagegen::band_attention_packed_fwd", _launch_forward_packed,
+                                          mutates_args=())
+
+
+@_forward_packed.register_fake
+def _(qkv, window):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty(B, N, H, D), qkv.new_empty(B * H * N, dtype=torch.float32)
+
+
+_backward_packed_op = torch.library.custom_op("imagegen::band_attention_packed_bwd", _launch_backward_packed,
+                                              mutates_args=())
+
+
+@_backward_packed_op.register_fake
+def _(grad_out, qkv, o, lse, window):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _setup_context_packed(ctx, inputs, output):
+    qkv, window = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.window = window
+
+
+def _backward_packed(ctx, grad_out, grad_lse):
+    qkv, o, lse = ctx.saved_tensors
+    return _backward_packed_op(grad_out, qkv, o, lse, ctx.window), None
+
+
+_forward_packed.register_autograd(_backward_packed, setup_context=_setup_context_packed)
+
+
+class _EagerPackedBandAttention(torch.autograd.Function):
+    """The packed launches without the custom ops, for eager calls (as _EagerBandAttention)."""
+
+    @staticmethod
+    def forward(ctx, qkv, window):
+        o, lse = _launch_forward_packed(qkv, window)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.window = window
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _launch_backward_packed(grad_out, *ctx.saved_tensors, ctx.window), None
+
+
+def band_attention_packed(qkv: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, N, 3, h, D) -> (B, N, h, D): band_attention on the q, k, v slices of one projection; the gradient
+    of qkv is one contiguous (B, N, 3, h, D) tensor."""
+    window = min(window, qkv.shape[1])
+    if torch.compiler.is_compiling():
+        return _forward_packed(qkv, window)[0]
+    return _EagerPackedBandAttention.apply(qkv, window)

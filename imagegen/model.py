@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from imagegen.attention import Grid, attend, check_layout
+from imagegen.attention import Grid, attend_packed, check_layout
 from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
 from imagegen.patterns import PatternParams, parse_layout
 
@@ -92,21 +92,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
-        # Sparse layers project q, k and v with three GEMMs (the three row blocks of qkv.weight), so each
-        # comes out contiguous: row/column views need that, and in the backward dq, dk, dv feed their GEMMs
-        # as they are, where one (B*N, 3C) projection would first copy them into one dqkv tensor. Dense
-        # layers keep the single (B*N, C) x (C, 3C) GEMM and its strided q, k, v slices (what the anchor does).
-        self.separate_qkv = any(names != ("dense",) for names in self.spec.groups)
 
     def forward(self, x):
         B, N, C = x.shape
         h = self.n_head
-        if self.separate_qkv:
-            w = self.qkv.weight  # (3C, C): the q, k and v rows
-            q, k, v = (F.linear(x, w[i * C:(i + 1) * C]).view(B, N, h, C // h) for i in range(3))  # each (B, N, h, D)
-        else:  # one (B*N, C) x (C, 3C) GEMM; q, k, v are strided views of its output
-            q, k, v = self.qkv(x).view(B, N, 3, h, C // h).unbind(2)  # each (B, N, h, D)
-        y = attend(q, k, v, self.spec, self.grid, self.params, self.backend)  # (B, N, h, D)
+        qkv = self.qkv(x).view(B, N, 3, h, C // h)  # one (B*N, C) x (C, 3C) GEMM
+        y = attend_packed(qkv, self.spec, self.grid, self.params, self.backend)  # (B, N, h, D)
         return self.dropout(self.proj(y.reshape(B, N, C)))
 
 

@@ -93,7 +93,7 @@ if triton is not None:
         ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
         dq = tl.dot(ds, k)
         dk = tl.dot(tl.trans(ds), q)
-        out = i0 * sg0 + i1 * sg2 + i2 * sg3 + s[:, None] * sg1 + d[None, :]  # dq, dk, dv: contiguous, same strides
+        out = i0 * sg0 + i1 * sg2 + i2 * sg3 + s[:, None] * sg1 + d[None, :]  # dq, dk, dv: the same strides
         tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=inside[:, None])
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=inside[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=inside[:, None])
@@ -136,15 +136,22 @@ def _(q, k, v):
 
 def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                      lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n0, S, n1, n2, D = q.shape
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    _backward_into(grad_out, q, k, v, o, lse, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Writes the gradients into dq, dk, dv: tensors of q's shape with one set of strides (three contiguous
+    tensors, or the slices of one packed gradient)."""
+    n0, S, n1, n2, D = q.shape
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     _short_bwd[(n0 * n1 * n2,)](
         q, k, v, o, grad_out, lse, dq, dk, dv, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
         *o.stride()[:4], *grad_out.stride()[:4], *dq.stride()[:4], 1.0 / math.sqrt(D),
         BLOCK_S=_block(S), D=D, num_warps=_warps(S, "bwd"))
-    return dq, dk, dv
 
 
 _backward_op = torch.library.custom_op("imagegen::short_attention_bwd", _launch_backward, mutates_args=())
@@ -190,3 +197,88 @@ def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     if torch.compiler.is_compiling():
         return _forward(q, k, v)[0]
     return _EagerShortAttention.apply(q, k, v)
+
+
+def sequences(t: torch.Tensor, rows: int, column: bool) -> torch.Tensor:
+    """(B, N, h, D) raster of `rows` image rows -> (n0, S, n1, n2, D) view, sequence on dim 1: along the image
+    rows for `column` (sequences = (image, position in row, head), S = rows), else along each row (sequences
+    = (image row, head), S = the row). No copy: strided slices of a packed projection qualify."""
+    B, N, h, D = t.shape
+    if column:
+        return t.view(B, rows, N // rows, h, D)
+    return t.view(B * rows, N // rows, 1, h, D)
+
+
+# The packed form (see imagegen.band_attention): one (B, N, 3, h, D) projection in, one packed gradient out;
+# `rows` and `column` say which sequences (see `sequences`).
+
+
+def _launch_forward_packed(qkv: torch.Tensor, rows: int, column: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _launch_forward(*(sequences(t, rows, column) for t in qkv.unbind(2)))
+    return o.view(qkv[:, :, 0].shape), lse
+
+
+def _launch_backward_packed(grad_out: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                            rows: int, column: bool) -> torch.Tensor:
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, N, 3, h, D)
+    views = [sequences(t, rows, column) for t in (*qkv.unbind(2), o, grad_out.contiguous(), *dqkv.unbind(2))]
+    _backward_into(views[4], *views[:3], views[3], lse, *views[5:])
+    return dqkv
+
+
+_forward_packed = torch.library.custom_op("imagegen::short_attention_packed_fwd", _launch_forward_packed,
+                                          mutates_args=())
+
+
+@_forward_packed.register_fake
+def _(qkv, rows, column):
+    B, N, _, h, D = qkv.shape
+    n0, S, n1, n2, _ = sequences(qkv.new_empty(B, N, h, D), rows, column).shape
+    return qkv.new_empty(B, N, h, D), qkv.new_empty(n0 * n1 * n2 * _block(S), dtype=torch.float32)
+
+
+_backward_packed_op = torch.library.custom_op("imagegen::short_attention_packed_bwd", _launch_backward_packed,
+                                              mutates_args=())
+
+
+@_backward_packed_op.register_fake
+def _(grad_out, qkv, o, lse, rows, column):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _setup_context_packed(ctx, inputs, output):
+    qkv, rows, column = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.rows, ctx.column = rows, column
+
+
+def _backward_packed(ctx, grad_out, grad_lse):
+    qkv, o, lse = ctx.saved_tensors
+    return _backward_packed_op(grad_out, qkv, o, lse, ctx.rows, ctx.column), None, None
+
+
+_forward_packed.register_autograd(_backward_packed, setup_context=_setup_context_packed)
+
+
+class _EagerPackedShortAttention(torch.autograd.Function):
+    """The packed launches without the custom ops, for eager calls (as _EagerShortAttention)."""
+
+    @staticmethod
+    def forward(ctx, qkv, rows, column):
+        o, lse = _launch_forward_packed(qkv, rows, column)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.rows, ctx.column = rows, column
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _launch_backward_packed(grad_out, *ctx.saved_tensors, ctx.rows, ctx.column), None, None
+
+
+def short_causal_attention_packed(qkv: torch.Tensor, rows: int, column: bool) -> torch.Tensor:
+    """(B, N, 3, h, D) -> (B, N, h, D): short_causal_attention on the `sequences` of the q, k, v slices of
+    one projection; the gradient of qkv is one contiguous (B, N, 3, h, D) tensor."""
+    if torch.compiler.is_compiling():
+        return _forward_packed(qkv, rows, column)[0]
+    return _EagerPackedShortAttention.apply(qkv, rows, column)

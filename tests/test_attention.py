@@ -172,6 +172,26 @@ for custom, eager in pairs:
         results.append((y, q.grad, k.grad, v.grad))
     for a, b in zip(*results):
         worst = max(worst, ((a - b).norm() / b.norm()).item())
+# the packed forms (one (B, N, 3, h, D) projection in, one packed gradient out), eager and as custom ops:
+# local with the one-pass backward (window 25) and the two kernels (window 50), column and row
+band.LAUNCH.update({kernel: (64, 64, 4, 2) for kernel in ("fwd", "dkdv", "dq")}, strip=(64, 2, 4, 2))
+grid = Grid(4, 25, 1)
+base = [torch.randn(2, grid.num_tokens, 2, 16) for _ in range(4)]
+packed_runs = [("local", PatternParams(rows=rows), lambda qkv, rows=rows: band.band_attention_packed(qkv, rows * 25),
+                lambda qkv, rows=rows: band._forward_packed(qkv, rows * 25)[0]) for rows in (1, 2)]
+packed_runs += [(axis, PatternParams(), lambda qkv, c=axis == "column": short.short_causal_attention_packed(qkv, 4, c),
+                 lambda qkv, c=axis == "column": short._forward_packed(qkv, 4, c)[0]) for axis in ("column", "row")]
+for pattern, params, *runs in packed_runs:
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in base[:3])
+    yr = attend(qr, kr, vr, LayerSpec.parse(pattern), grid, params, "reference")
+    yr.backward(base[3])
+    for run in runs:
+        qkv = torch.stack(base[:3], 2).requires_grad_(True)
+        y = run(qkv)
+        y.backward(base[3])
+        assert qkv.grad.is_contiguous()
+        for a, b in zip((y, *qkv.grad.unbind(2)), (yr, qr.grad, kr.grad, vr.grad)):
+            worst = max(worst, ((a - b).norm() / b.norm()).item())
 print("max rel err", worst)
 assert worst < 1e-4, worst
 """
