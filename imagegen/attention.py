@@ -36,7 +36,12 @@ import torch.nn.functional as F
 
 from imagegen.band_attention import band_attention, band_attention_packed, band_attention_runs
 from imagegen.patterns import LayerSpec, PatternParams, union_mask
-from imagegen.short_attention import sequences, short_attention_runs, short_causal_attention, short_causal_attention_packed
+from imagegen.short_attention import (
+    sequences,
+    short_attention_runs,
+    short_causal_attention,
+    short_causal_attention_packed,
+)
 from imagegen.window_attention import flash_window_runs, window_attention
 
 BACKENDS = ("auto", "reference", "axial", "triton", "banded", "flash", "flex")
