@@ -7,13 +7,14 @@ GEMM's fp32 accumulator:
     out, pre = matmul_gelu(a, b)         # pre = a @ b, out = gelu_tanh(pre); a (M, K), b (K, N) -> (M, N)
     out = matmul(a, b)                   # the same GEMM without an epilogue (for comparisons)
 
-`runs(a, b)` says whether a call qualifies: CUDA tensors in bf16 or fp16, `a` contiguous (row-major), `b`
-contiguous or the transpose of a contiguous matrix (a Linear weight's .t()), K and N multiples of 8 (16-byte
-aligned rows), both starting at a 256-byte boundary (as fresh PyTorch allocations do; cuBLASLt's heuristic
-assumes that by default, so an algorithm chosen once fits every later call). The library is the libcublasLt
-PyTorch itself loaded. Each shape's algorithm is chosen once: on its first call the candidates of cuBLASLt's
-heuristic are timed and the fastest is kept (`plans()` lists them). No workspace is used, so nothing is
-allocated outside PyTorch (CUDA-graph capture safe).
+`runs(a, b)` says whether a call qualifies: CUDA tensors in bf16 or fp16, each contiguous (row-major) or the
+transpose of a contiguous matrix (a Linear weight's .t(), a gradient's .t()), the contiguous rows 16-byte
+aligned (a multiple of 8 elements), both starting at a 256-byte boundary (as fresh PyTorch allocations do;
+cuBLASLt's heuristic assumes that by default, so an algorithm chosen once fits every later call). The library is
+the libcublasLt PyTorch itself loaded. Each shape's algorithm is chosen once: on its first call the candidates of
+cuBLASLt's heuristic are timed and the fastest is kept (`plans()` lists them). An algorithm that needs a
+workspace (up to 32 MiB, e.g. split-K) gets it from PyTorch's allocator on each call, so nothing is allocated
+outside PyTorch (CUDA-graph capture safe).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import torch
 _EPILOGUE_DEFAULT, _EPILOGUE_GELU_AUX = 1, 32 | 128
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_AUX_POINTER, _DESC_AUX_LD = 3, 4, 7, 11, 12
 _PREF_MAX_WORKSPACE_BYTES = 1
+_MAX_WORKSPACE = 32 * 2**20
 _COMPUTE_32F, _R_32F = 68, 0
 _DATA_TYPES = {torch.bfloat16: 14, torch.float16: 2}
 _OP_N, _OP_T = 0, 1
-_CANDIDATES = 8  # heuristic answers timed per shape
+_CANDIDATES = 16  # heuristic answers timed per shape
 
 
 class CublasLtError(RuntimeError):
@@ -111,15 +113,17 @@ class _Plan:
     """The descriptors and chosen algorithm of one (shape, layout, dtype, epilogue) on one device.
 
     Row-major out (M, N) = a (M, K) @ b (K, N) is column-major out^T (N, M) = b^T (N, K) @ a^T (K, M): cuBLAS's
-    A is b (op N if b is contiguous, op T if b is the transpose of a contiguous (N, K) matrix), its B is a."""
+    A is b (op N if b is contiguous, op T if b is the transpose of a contiguous (N, K) matrix), its B is a (op N
+    if a is contiguous, op T if a is the transpose of a contiguous (K, M) matrix)."""
 
-    def __init__(self, M: int, N: int, K: int, b_transposed: bool, dtype: torch.dtype, epilogue: int, device: int):
+    def __init__(self, M: int, N: int, K: int, a_transposed: bool, b_transposed: bool, dtype: torch.dtype,
+                 epilogue: int, device: int):
         lib, data_type = _library(), _DATA_TYPES[dtype]
         self.lib, self.handle, self.epilogue = lib, _handle(device), epilogue
         self.desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _R_32F), "descriptor")
         _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_TRANSA, ctypes.c_int32(_OP_T if b_transposed else _OP_N))
-        _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+        _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_TRANSB, ctypes.c_int32(_OP_T if a_transposed else _OP_N))
         _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
         if epilogue != _EPILOGUE_DEFAULT:
             _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_AUX_LD, ctypes.c_int64(N))
@@ -130,10 +134,11 @@ class _Plan:
             return handle
 
         self.a_layout = layout(K, N, K) if b_transposed else layout(N, K, N)  # cuBLAS's A: our b
-        self.b_layout = layout(K, M, K)  # cuBLAS's B: our a
+        self.b_layout = layout(M, K, M) if a_transposed else layout(K, M, K)  # cuBLAS's B: our a
         self.out_layout = layout(N, M, N)
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        self.algo, self.candidates, self.timings_ms = None, [], []
+        self.algo, self.candidates, self.workspaces, self.timings_ms = None, [], [], []
+        self.workspace = 0  # bytes the chosen algorithm needs
 
     def set_aux(self, aux: torch.Tensor | None) -> None:
         if aux is not None:
@@ -144,71 +149,79 @@ class _Plan:
         fastest. Under CUDA-graph capture nothing can be timed: the heuristic's first answer is used."""
         pref = ctypes.c_void_p()
         _check(self.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference")
-        _set(self.lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(0))
+        _set(self.lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE_BYTES,
+             ctypes.c_uint64(_MAX_WORKSPACE))
         results, count = (_Heuristic * _CANDIDATES)(), ctypes.c_int(0)
         _check(self.lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a_layout, self.b_layout,
                                                        self.out_layout, self.out_layout, pref, _CANDIDATES, results,
                                                        ctypes.byref(count)), "heuristic")
-        self.candidates = [results[i].algo for i in range(count.value) if results[i].state == 0]
+        usable = [i for i in range(count.value) if results[i].state == 0]
+        self.candidates = [results[i].algo for i in usable]
+        self.workspaces = [results[i].workspace_size for i in usable]
         if not self.candidates:
             raise CublasLtError("cuBLASLt has no algorithm for this matmul and epilogue")
-        if torch.cuda.is_current_stream_capturing() or len(self.candidates) == 1:
-            self.algo = self.candidates[0]
-            return
-        self.timings_ms = []
-        for algo in self.candidates:
-            run(algo)  # warm-up
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(5):
-                run(algo)
-            end.record()
-            end.synchronize()
-            self.timings_ms.append(start.elapsed_time(end) / 5)
-        self.algo = self.candidates[min(range(len(self.candidates)), key=self.timings_ms.__getitem__)]
+        best = 0
+        if not torch.cuda.is_current_stream_capturing() and len(self.candidates) > 1:
+            self.timings_ms = []
+            for algo, workspace in zip(self.candidates, self.workspaces):
+                run(algo, workspace)  # warm-up
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(5):
+                    run(algo, workspace)
+                end.record()
+                end.synchronize()
+                self.timings_ms.append(start.elapsed_time(end) / 5)
+            best = min(range(len(self.candidates)), key=self.timings_ms.__getitem__)
+        self.algo, self.workspace = self.candidates[best], self.workspaces[best]
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, algo: _Algo | None = None) -> None:
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, algo: _Algo | None = None,
+                 workspace: int | None = None) -> None:
         stream = ctypes.c_void_p(torch.cuda.current_stream(a.device).cuda_stream)
+        size = self.workspace if algo is None else workspace
+        space = torch.empty(size, dtype=torch.uint8, device=a.device) if size else None
         _check(self.lib.cublasLtMatmul(self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(b.data_ptr()),
                                        self.a_layout, ctypes.c_void_p(a.data_ptr()), self.b_layout,
                                        ctypes.byref(self.beta), ctypes.c_void_p(out.data_ptr()), self.out_layout,
                                        ctypes.c_void_p(out.data_ptr()), self.out_layout,
-                                       ctypes.byref(algo if algo is not None else self.algo), None, 0, stream), "matmul")
+                                       ctypes.byref(algo if algo is not None else self.algo),
+                                       ctypes.c_void_p(space.data_ptr()) if size else None, size, stream), "matmul")
 
 
-def _b_transposed(b: torch.Tensor) -> bool | None:
-    """False for a contiguous b (K, N), True for the transpose of a contiguous (N, K); None otherwise."""
-    K, N = b.shape
-    if b.stride() == (N, 1):
+def _transposed(t: torch.Tensor) -> bool | None:
+    """False for a contiguous (R, C) matrix, True for the transpose of a contiguous (C, R); None otherwise."""
+    R, C = t.shape
+    if t.stride() == (C, 1):
         return False
-    if b.stride() == (1, K):
+    if t.stride() == (1, R):
         return True
     return None
 
 
 def runs(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether matmul_gelu / matmul take these operands (see the module docstring)."""
-    return (a.is_cuda and b.device == a.device and a.dtype in _DATA_TYPES and b.dtype == a.dtype and a.dim() == 2
-            and b.dim() == 2 and a.shape[1] == b.shape[0] and a.is_contiguous() and _b_transposed(b) is not None
-            and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0
-            and all(t.data_ptr() % 256 == 0 for t in (a, b)))
+    if not (a.is_cuda and b.device == a.device and a.dtype in _DATA_TYPES and b.dtype == a.dtype and a.dim() == 2
+            and b.dim() == 2 and a.shape[1] == b.shape[0] and all(t.data_ptr() % 256 == 0 for t in (a, b))):
+        return False
+    layouts = _transposed(a), _transposed(b)
+    return (None not in layouts and all(t.shape[0 if transposed else 1] % 8 == 0 for t, transposed in zip((a, b), layouts)))
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None) -> torch.Tensor:
     if not runs(a, b):
-        raise ValueError("cuBLASLt matmul needs CUDA bf16/fp16 operands: a (M, K) contiguous, b (K, N) contiguous "
-                         f"or transposed, K and N multiples of 8, 256-byte aligned; got {a.dtype} {tuple(a.shape)}/{a.stride()} and "
+        raise ValueError("cuBLASLt matmul needs CUDA bf16/fp16 operands a (M, K) and b (K, N), each contiguous "
+                         f"or transposed, rows a multiple of 8 long, 256-byte aligned; got {a.dtype} {tuple(a.shape)}/{a.stride()} and "
                          f"{b.dtype} {tuple(b.shape)}/{b.stride()}")
     (M, K), N = a.shape, b.shape[1]
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    key = (M, N, K, _b_transposed(b), a.dtype, epilogue, a.device.index)
+    key = (M, N, K, _transposed(a), _transposed(b), a.dtype, epilogue, a.device.index)
     with _lock:
         plan = _plans.get(key)
         if plan is None:
-            plan = _plans[key] = _Plan(M, N, K, key[3], a.dtype, epilogue, a.device.index or 0)
+            plan = _plans[key] = _Plan(M, N, K, key[3], key[4], a.dtype, epilogue, a.device.index or 0)
         plan.set_aux(aux)
         if plan.algo is None:
-            plan.choose(lambda algo: plan(a, b, out, algo))
+            plan.choose(lambda algo, workspace: plan(a, b, out, algo, workspace))
         plan(a, b, out)
     return out
 
@@ -228,9 +241,10 @@ def plans() -> list[dict]:
     """Each shape's chosen algorithm: the candidates' times (ms, first call) and which won."""
     names = {_EPILOGUE_DEFAULT: "none", _EPILOGUE_GELU_AUX: "gelu_aux"}
     out = []
-    for (M, N, K, transposed, dtype, epilogue, _), plan in _plans.items():
+    for (M, N, K, a_transposed, b_transposed, dtype, epilogue, _), plan in _plans.items():
         chosen = next((i for i, c in enumerate(plan.candidates) if bytes(c) == bytes(plan.algo)), None)
-        out.append({"M": M, "N": N, "K": K, "b_transposed": transposed, "dtype": str(dtype),
+        out.append({"M": M, "N": N, "K": K, "a_transposed": a_transposed, "b_transposed": b_transposed,
+                    "dtype": str(dtype), "workspace": plan.workspace,
                     "epilogue": names[epilogue], "candidate_ms": [round(t, 4) for t in plan.timings_ms],
                     "chosen": chosen})
     return out

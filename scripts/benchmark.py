@@ -11,6 +11,7 @@
     python scripts/benchmark.py mlp [--out mlp.json]                # the MLP alone, fwd+bwd: torch vs cublaslt MLP (GPU)
     python scripts/benchmark.py tune [--sizes 0 1] [--out tuning.json]  # launch settings of our Triton kernels (GPU)
     python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
+    python scripts/benchmark.py gemms [--sizes 0]                   # a step's GEMMs: torch.mm vs cuBLASLt's best (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
 
@@ -25,12 +26,12 @@ from imagegen.model import MLP_BACKENDS, RESIDUAL_DTYPES
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile", "tune", "calls",
-                                           "mlp"])
+                                           "mlp", "gemms"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
     parser.add_argument("--sizes", type=int, nargs="+",
-                        help="train: which of the sizes to run (0, 1, 2); profile: the first; tune: which "
+                        help="train: which of the sizes to run (0, 1, 2); profile, gemms: the first; tune: which "
                              "attention-table shapes (0: N=4096 x 16, 1: N=12288 x 4)")
     parser.add_argument("--model", default="sparse", choices=["dense", "sparse"], help="profile: which model")
     parser.add_argument("--models", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
@@ -51,10 +52,11 @@ def main():
         except ValueError as e:
             parser.error(str(e))
     sizes = train_benchmark.QUICK_SIZES if args.quick else train_benchmark.SIZES  # the table the run indexes
-    shapes = {"train": len(sizes), "profile": len(sizes), "tune": len(benchmark.ATTENTION_SHAPES)}
+    shapes = {"train": len(sizes), "profile": len(sizes), "gemms": len(train_benchmark.SIZES),
+              "tune": len(benchmark.ATTENTION_SHAPES)}
     if args.sizes and args.what in shapes and not all(0 <= i < shapes[args.what] for i in args.sizes):
         parser.error(f"--sizes for {args.what} are 0 to {shapes[args.what] - 1}, got {args.sizes}")
-    if args.what in ("largest", "tune", "calls", "mlp") and not torch.cuda.is_available():
+    if args.what in ("largest", "tune", "calls", "mlp", "gemms") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
     if args.what == "tune":
         from imagegen import kernel_tuning
@@ -74,6 +76,11 @@ def main():
         result = train_benchmark.profile_step(args.model, (args.sizes or [0])[0], quick=args.quick,
                                               residual_dtype=args.residual_dtypes[0], mlp_backend=args.mlp_backends[0])
         print(train_benchmark.format_profile(result))
+    elif args.what == "gemms":
+        from imagegen import gemm_survey
+
+        result = gemm_survey.bench_gemms((args.sizes or [0])[0])
+        print(gemm_survey.format_gemms(result))
     elif args.what == "mlp":
         result = train_benchmark.bench_mlp(quick=args.quick)
         print(train_benchmark.format_mlp(result))

@@ -16,6 +16,8 @@
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 #            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend)
 # mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
+# gemms:     scripts/benchmark.py gemms at GEMM_SIZES (default "0 1"): each GEMM of a training step, torch.mm against
+#            the fastest of cuBLASLt's heuristic candidates
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model;
 #            TEST_K: a pytest -k expression to run some of them)
 # runs:      scripts/train.py itself (model=RUN_MODEL, default sparse, RUN_STEPS steps, default 400), once per
@@ -64,6 +66,9 @@ for stage in "$@"; do
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
     mlp) python scripts/benchmark.py mlp --out "$OUT/mlp.json" | tee "$OUT/mlp.md" ;;
+    gemms) for size in ${GEMM_SIZES:-0 1}; do   # a step's GEMMs: torch.mm against cuBLASLt's fastest candidate
+             python scripts/benchmark.py gemms --sizes "$size" --out "$OUT/gemms_$size.json" | tee "$OUT/gemms_$size.md"
+           done ;;
     calls) python scripts/benchmark.py calls --out "$OUT/calls.json" | tee "$OUT/calls.md" ;;
     tune) python scripts/benchmark.py tune ${TUNE_SIZES:+--sizes $TUNE_SIZES} --out "$OUT/tuning.json" | tee "$OUT/tuning.md" ;;
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes

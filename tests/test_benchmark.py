@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-
+import torch
 from conftest import REPO
 
 
@@ -124,3 +124,17 @@ def test_benchmark_refuses_sizes_it_does_not_have(what, sizes):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert f"--sizes for {what} are 0 to" in done.stderr
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_gemm_survey_lists_every_matmul_flop_of_a_step(index):
+    """`benchmark.py gemms` times a step's GEMMs: their FLOPs add up to 6 per Linear weight per token."""
+    from imagegen.gemm_survey import step_gemms
+    from imagegen.model import ImageTransformer
+    from imagegen.train_benchmark import SIZES, size_config
+
+    size = SIZES[index]
+    model = ImageTransformer(size_config("sparse", size))
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    tokens = size[-1] * model.grid.num_tokens
+    assert sum(2 * g["M"] * g["N"] * g["K"] * g["per_step"] for g in step_gemms(size)) == 6 * weights * tokens

@@ -150,6 +150,24 @@ def test_cublaslt_gelu_epilogue_equals_reference_in_bf16(M, K, N, b_transposed):
     assert max(errs.values()) < 1e-2, errs
 
 
+@pytest.mark.parametrize("a_transposed,b_transposed", [(True, False), (True, True), (False, False)],
+                         ids=["aT-b", "aT-bT", "a-b"])
+@pytest.mark.parametrize("M,K,N", [(1536, 32768, 512), (200, 304, 136)], ids=["wgrad-like", "odd"])
+def test_cublaslt_matmul_of_transposed_views_equals_reference(M, K, N, a_transposed, b_transposed):
+    """imagegen.cublaslt.matmul on a transposed `a` (a wgrad's dy^T) and `b`, with a workspace where its chosen
+    algorithm needs one (split-K over 32768 tokens): within bf16 rounding of fp32."""
+    from imagegen import cublaslt
+
+    torch.manual_seed(0)
+    a = torch.randn(K, M, device="cuda").bfloat16().t() if a_transposed else torch.randn(M, K, device="cuda").bfloat16()
+    b = torch.randn(N, K, device="cuda").bfloat16().t() if b_transposed else torch.randn(K, N, device="cuda").bfloat16()
+    assert cublaslt.runs(a, b)
+    ref = a.float() @ b.float()
+    err = ((cublaslt.matmul(a, b).float() - ref).norm() / ref.norm()).item()
+    print(f"cuBLASLt matmul {M}x{K}x{N} a_t={a_transposed} b_t={b_transposed}: rel err {err:.2e}")
+    assert err < 1e-2
+
+
 @pytest.mark.parametrize("tokens,width", [(4096, 64), (300, 128)], ids=["4096x64", "300x128"])
 def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width):
     """imagegen.gelu_mlp under bf16 autocast, eager and compiled (the custom op), against the fp32 MLP:
