@@ -1,7 +1,8 @@
 """Attention backends for the patterns of imagegen.patterns; all are exact, none is approximate.
 
-Inputs and outputs are (B, N, heads, D): what the QKV projection gives, so that `row` and `column`
-run on zero-copy views (DESIGN.md section 4). Backends:
+Inputs and outputs are (B, N, heads, D): the QKV projection's token order, so that `row` and `column`
+are views of the sequence (DESIGN.md section 4; our kernels take strided slices as they are, the axial
+path copies where a view cannot express the layout). Backends:
 
     reference  build_mask + masked SDPA: any pattern, CPU and GPU, O(N^2) memory (the ground truth)
     axial      `row` and `column` as views of the sequence, SDPA/FlashAttention underneath
@@ -24,6 +25,9 @@ run on zero-copy views (DESIGN.md section 4). Backends:
 
 `attend(q, k, v, spec, grid, params, backend)` runs one layer spec (several head groups, each a pattern
 or a merged union); `supports(backend, names)` says whether a backend can run a head group.
+`attend_packed(qkv, spec, grid, params, backend)` is what the model calls with its one (B, N, 3, h, D)
+projection: a layer on one of our Triton kernels reads q, k, v in place and gets one packed gradient
+back; any other layer goes through `attend` on the three strided slices.
 """
 
 from __future__ import annotations
