@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from imagegen.kernel_op import attention_op
+
 try:
     import triton
     import triton.language as tl
@@ -308,15 +310,6 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o, lse
 
 
-_forward = torch.library.custom_op("imagegen::band_attention_fwd", _launch_forward, mutates_args=())
-
-
-@_forward.register_fake
-def _(q, k, v, window):
-    B, N, H, _ = q.shape
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(B * H * N, dtype=torch.float32)
-
-
 def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                      lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
@@ -349,53 +342,24 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                                                 BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
 
 
-_backward_op = torch.library.custom_op("imagegen::band_attention_bwd", _launch_backward, mutates_args=())
+def _forward_fake(q, k, v, window):
+    B, N, H, _ = q.shape
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(B * H * N, dtype=torch.float32)
 
 
-@_backward_op.register_fake
-def _(grad_out, q, k, v, o, lse, window):
+def _backward_fake(grad_out, q, k, v, o, lse, window):
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, window = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.window = window
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, o, lse = ctx.saved_tensors
-    return (*_backward_op(grad_out, q, k, v, o, lse, ctx.window), None)
-
-
-_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerBandAttention(torch.autograd.Function):
-    """The same launches without the custom ops, for eager calls: going through the dispatcher costs more
-    host time than the kernels take on the GPU (`scripts/benchmark.py calls`)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, window):
-        o, lse = _launch_forward(q, k, v, window)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.window = window
-        return o
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (*_launch_backward(grad_out, *ctx.saved_tensors, ctx.window), None)
+_band_attention, _forward = attention_op("band_attention", _launch_forward, _launch_backward, _forward_fake,
+                                         _backward_fake, tensors=3)
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """(B, N, h, D) x 3 -> (B, N, h, D): query q attends key k when 0 <= q - k < window. Under torch.compile
     the kernels are custom ops (opaque to the compiler, with fake shapes and a backward); in eager mode an
-    autograd.Function calls them directly."""
-    window = min(window, q.shape[1])
-    if torch.compiler.is_compiling():
-        return _forward(q, k, v, window)[0]
-    return _EagerBandAttention.apply(q, k, v, window)
+    autograd.Function calls them directly (imagegen.kernel_op)."""
+    return _band_attention(q, k, v, min(window, q.shape[1]))
 
 
 # The packed form: one (B, N, 3, h, D) projection in, one packed gradient out. A layer that projects q, k, v with
@@ -415,59 +379,21 @@ def _launch_backward_packed(grad_out: torch.Tensor, qkv: torch.Tensor, o: torch.
     return dqkv
 
 
-_forward_packed = torch.library.custom_op("imagegen::band_attention_packed_fwd", _launch_forward_packed,
-                                          mutates_args=())
-
-
-@_forward_packed.register_fake
-def _(qkv, window):
+def _forward_packed_fake(qkv, window):
     B, N, _, H, D = qkv.shape
     return qkv.new_empty(B, N, H, D), qkv.new_empty(B * H * N, dtype=torch.float32)
 
 
-_backward_packed_op = torch.library.custom_op("imagegen::band_attention_packed_bwd", _launch_backward_packed,
-                                              mutates_args=())
-
-
-@_backward_packed_op.register_fake
-def _(grad_out, qkv, o, lse, window):
+def _backward_packed_fake(grad_out, qkv, o, lse, window):
     return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
 
-def _setup_context_packed(ctx, inputs, output):
-    qkv, window = inputs
-    o, lse = output
-    ctx.save_for_backward(qkv, o, lse)
-    ctx.window = window
-
-
-def _backward_packed(ctx, grad_out, grad_lse):
-    qkv, o, lse = ctx.saved_tensors
-    return _backward_packed_op(grad_out, qkv, o, lse, ctx.window), None
-
-
-_forward_packed.register_autograd(_backward_packed, setup_context=_setup_context_packed)
-
-
-class _EagerPackedBandAttention(torch.autograd.Function):
-    """The packed launches without the custom ops, for eager calls (as _EagerBandAttention)."""
-
-    @staticmethod
-    def forward(ctx, qkv, window):
-        o, lse = _launch_forward_packed(qkv, window)
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.window = window
-        return o
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _launch_backward_packed(grad_out, *ctx.saved_tensors, ctx.window), None
+_band_attention_packed, _forward_packed = attention_op("band_attention_packed", _launch_forward_packed,
+                                                       _launch_backward_packed, _forward_packed_fake,
+                                                       _backward_packed_fake, tensors=1)
 
 
 def band_attention_packed(qkv: torch.Tensor, window: int) -> torch.Tensor:
     """(B, N, 3, h, D) -> (B, N, h, D): band_attention on the q, k, v slices of one projection; the gradient
     of qkv is one contiguous (B, N, 3, h, D) tensor."""
-    window = min(window, qkv.shape[1])
-    if torch.compiler.is_compiling():
-        return _forward_packed(qkv, window)[0]
-    return _EagerPackedBandAttention.apply(qkv, window)
+    return _band_attention_packed(qkv, min(window, qkv.shape[1]))

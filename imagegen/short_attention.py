@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from imagegen.kernel_op import attention_op
+
 try:
     import triton
     import triton.language as tl
@@ -124,16 +126,6 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     return o, lse
 
 
-_forward = torch.library.custom_op("imagegen::short_attention_fwd", _launch_forward, mutates_args=())
-
-
-@_forward.register_fake
-def _(q, k, v):
-    n0, S, n1, n2, _ = q.shape
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(n0 * n1 * n2 * _block(S),
-                                                                               dtype=torch.float32)
-
-
 def _launch_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                      lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
@@ -154,49 +146,25 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         BLOCK_S=_block(S), D=D, num_warps=_warps(S, "bwd"))
 
 
-_backward_op = torch.library.custom_op("imagegen::short_attention_bwd", _launch_backward, mutates_args=())
+def _forward_fake(q, k, v):
+    n0, S, n1, n2, _ = q.shape
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(n0 * n1 * n2 * _block(S),
+                                                                               dtype=torch.float32)
 
 
-@_backward_op.register_fake
-def _(grad_out, q, k, v, o, lse):
+def _backward_fake(grad_out, q, k, v, o, lse):
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, o, lse = ctx.saved_tensors
-    return _backward_op(grad_out, q, k, v, o, lse)
-
-
-_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerShortAttention(torch.autograd.Function):
-    """The same launches without the custom ops, for eager calls: going through the dispatcher costs more
-    host time than the kernels take on the GPU (`scripts/benchmark.py calls`)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        o, lse = _launch_forward(q, k, v)
-        ctx.save_for_backward(q, k, v, o, lse)
-        return o
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _launch_backward(grad_out, *ctx.saved_tensors)
+_short_attention, _forward = attention_op("short_attention", _launch_forward, _launch_backward, _forward_fake,
+                                          _backward_fake, tensors=3)
 
 
 def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(n0, S, n1, n2, D) x 3 -> (n0, S, n1, n2, D) contiguous: causal attention along dim 1. Under
-    torch.compile the kernels are custom ops; in eager mode an autograd.Function calls them directly."""
-    if torch.compiler.is_compiling():
-        return _forward(q, k, v)[0]
-    return _EagerShortAttention.apply(q, k, v)
+    torch.compile the kernels are custom ops; in eager mode an autograd.Function calls them directly
+    (imagegen.kernel_op)."""
+    return _short_attention(q, k, v)
 
 
 def sequences(t: torch.Tensor, rows: int, column: bool) -> torch.Tensor:
@@ -226,59 +194,22 @@ def _launch_backward_packed(grad_out: torch.Tensor, qkv: torch.Tensor, o: torch.
     return dqkv
 
 
-_forward_packed = torch.library.custom_op("imagegen::short_attention_packed_fwd", _launch_forward_packed,
-                                          mutates_args=())
-
-
-@_forward_packed.register_fake
-def _(qkv, rows, column):
+def _forward_packed_fake(qkv, rows, column):
     B, N, _, h, D = qkv.shape
     n0, S, n1, n2, _ = sequences(qkv.new_empty(B, N, h, D), rows, column).shape
     return qkv.new_empty(B, N, h, D), qkv.new_empty(n0 * n1 * n2 * _block(S), dtype=torch.float32)
 
 
-_backward_packed_op = torch.library.custom_op("imagegen::short_attention_packed_bwd", _launch_backward_packed,
-                                              mutates_args=())
-
-
-@_backward_packed_op.register_fake
-def _(grad_out, qkv, o, lse, rows, column):
+def _backward_packed_fake(grad_out, qkv, o, lse, rows, column):
     return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
 
-def _setup_context_packed(ctx, inputs, output):
-    qkv, rows, column = inputs
-    o, lse = output
-    ctx.save_for_backward(qkv, o, lse)
-    ctx.rows, ctx.column = rows, column
-
-
-def _backward_packed(ctx, grad_out, grad_lse):
-    qkv, o, lse = ctx.saved_tensors
-    return _backward_packed_op(grad_out, qkv, o, lse, ctx.rows, ctx.column), None, None
-
-
-_forward_packed.register_autograd(_backward_packed, setup_context=_setup_context_packed)
-
-
-class _EagerPackedShortAttention(torch.autograd.Function):
-    """The packed launches without the custom ops, for eager calls (as _EagerShortAttention)."""
-
-    @staticmethod
-    def forward(ctx, qkv, rows, column):
-        o, lse = _launch_forward_packed(qkv, rows, column)
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.rows, ctx.column = rows, column
-        return o
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _launch_backward_packed(grad_out, *ctx.saved_tensors, ctx.rows, ctx.column), None, None
+_short_attention_packed, _forward_packed = attention_op("short_attention_packed", _launch_forward_packed,
+                                                        _launch_backward_packed, _forward_packed_fake,
+                                                        _backward_packed_fake, tensors=1)
 
 
 def short_causal_attention_packed(qkv: torch.Tensor, rows: int, column: bool) -> torch.Tensor:
-    """(B, N, 3, h, D) -> (B, N, h, D): short_causal_attention on the `sequences` of the q, k, v slices of
-    one projection; the gradient of qkv is one contiguous (B, N, 3, h, D) tensor."""
-    if torch.compiler.is_compiling():
-        return _forward_packed(qkv, rows, column)[0]
-    return _EagerPackedShortAttention.apply(qkv, rows, column)
+    """(B, N, 3, h, D) -> (B, N, h, D): short_causal_attention on the `sequences(rows, column)` of the q, k, v
+    slices of one projection; the gradient of qkv is one contiguous (B, N, 3, h, D) tensor."""
+    return _short_attention_packed(qkv, rows, column)

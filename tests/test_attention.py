@@ -192,14 +192,23 @@ for pattern, params, *runs in packed_runs:
         assert qkv.grad.is_contiguous()
         for a, b in zip((y, *qkv.grad.unbind(2)), (yr, qr.grad, kr.grad, vr.grad)):
             worst = max(worst, ((a - b).norm() / b.norm()).item())
+# torch.library.opcheck: each custom op's schema, fake (what torch.compile traces with) and autograd
+# registration (imagegen.kernel_op) against its real run; it raises on a mismatch
+q, k, v = (torch.randn(1, 50, 2, 16, requires_grad=True) for _ in range(3))
+qkv = torch.randn(1, 50, 3, 2, 16, requires_grad=True)
+rows5 = lambda t: t.view(1, 5, 10, 2, 16)  # noqa: E731
+for op, args in [(band._forward, (q, k, v, 20)), (band._forward_packed, (qkv, 20)),
+                 (short._forward, (rows5(q), rows5(k), rows5(v))), (short._forward_packed, (qkv, 5, True))]:
+    torch.library.opcheck(op, args)
 print("max rel err", worst)
 assert worst < 1e-4, worst
 """
 
 
 def test_triton_kernels_equal_reference_in_the_interpreter():
-    """Our Triton kernels (column/row, local band; forward and backward), run by Triton's CPU interpreter in
-    fp32, equal the reference on odd grids, C = 3, rows = 2 and strided inputs. On the GPU: test_gpu.py."""
+    """Our Triton kernels (column/row, local band; forward and backward; separate and packed q, k, v), run by
+    Triton's CPU interpreter in fp32, equal the reference on odd grids, C = 3, rows = 2 and strided inputs, and
+    their custom ops pass torch.library.opcheck. On the GPU: test_gpu.py."""
     pytest.importorskip("triton")
     import os
     import subprocess
