@@ -1,28 +1,32 @@
-"""The transformer MLP, proj(gelu_tanh(fc(x))), with the forward GELU computed in the fc GEMM's epilogue.
+"""The transformer MLP, proj(gelu_tanh(fc(x))), with the GELU in GEMM epilogues instead of elementwise passes.
 
 Unfused, the forward runs the fc GEMM, which writes h = fc(x), then a memory-bound pass that reads h and
-writes gelu(h). Here one cuBLASLt GEMM (imagegen.cublaslt, epilogue GELU_AUX) writes both h and gelu(h).
-Everything else is ordinary PyTorch, so torch.compile still fuses the backward: dh = gelu'(h) * d gelu(h) is
-one elementwise kernel beside the cuBLAS GEMMs of dx = dh W1 and dW1 = dh^T x, and proj is a plain Linear.
-h and gelu(h) are both kept for the backward (the unfused compiled graph may recompute gelu(h) there).
+writes gelu(h); the backward's first GEMM writes dg = dy @ W2, then another pass reads dg and h and writes
+dh = dg * gelu'(h). Here:
+- forward (model.mlp_backend=cublaslt and fused): one cuBLASLt GEMM (imagegen.cublaslt, epilogue GELU_AUX)
+  writes both h and gelu(h); the epilogue applies the GELU to the fp32 accumulator (the unfused path rounds h
+  to bf16 first);
+- backward (fused only): dh comes from one Triton GEMM with gelu' in its epilogue (imagegen.dgelu_matmul),
+  0.180 against 0.216 ms for cuBLAS plus Inductor's elementwise kernel at 32768 x 2048 x 512 on an H200
+  (`benchmarks/h200i/fused_mlp/dgelu.md`). With cublaslt, the backward is cuBLAS and Inductor's kernel.
+The other GEMMs (proj, dx = dh W1, dW1 = dh^T x, dW2 = dy^T gelu(h)) are torch.mm, and h and gelu(h) are
+kept for the backward.
 
 cuBLASLt also has a DGELU epilogue for the backward GEMM, but on an H200 (cuBLAS 13) it ran as a separate
 epilogue kernel of 0.56 ms per layer at 32768 x 2048, five times Inductor's fused elementwise kernel
-(`benchmarks/h200f/`), so it is not used. A Triton GEMM with gelu' in its epilogue (commit 798af8d, removed
-after) took 0.29 ms there against 0.22 ms for cuBLAS's GEMM (0.11) and that elementwise kernel together
-(`benchmarks/h200g/fused_mlp/`).
+(`benchmarks/h200f/`), so it is not used.
 
-The epilogue applies the GELU to the fp32 accumulator (the unfused path rounds h to bf16 first).
+    y = gelu_mlp(x, fc_weight, proj_weight, fused_backward=True)  # (..., C) -> (..., C); fc_weight (4C, C),
+                                                                  # proj_weight (C, 4C)
 
-    g = fc_gelu(x, fc_weight)                  # (..., C) -> (..., 4C): gelu_tanh(x @ fc_weight^T)
-    y = gelu_mlp(x, fc_weight, proj_weight)    # (..., C) -> (..., C); fc_weight (4C, C), proj_weight (C, 4C)
-
-The fused GEMM runs on CUDA in bf16/fp16 with C and 4C multiples of 8 (`gelu_mlp_runs`; under autocast the
-inputs are cast to the autocast dtype, as F.linear would). Anywhere else the same op computes the same thing
-with torch.mm and F.gelu (so the CPU tests check its gradients), as it does, with a warning, from the first
-time cuBLASLt refuses a call on. Under torch.compile it is a custom op (opaque
-to the compiler, with a fake shape and a registered backward the compiler traces); eager calls go through an
-autograd.Function. Model option: `model.mlp_backend=cublaslt`; `scripts/benchmark.py mlp` times it.
+The fused GEMMs run on CUDA in bf16/fp16 with C and 4C multiples of 8 (`gelu_mlp_runs`; under autocast the
+inputs are cast to the autocast dtype, as F.linear would; the backward's also needs a GPU with TMA and C a
+multiple of 64, `dgelu_matmul.matmul_dgelu_runs`, else it takes cuBLAS's path). Anywhere else the same op
+computes the same thing with torch.mm and F.gelu (so the CPU tests check its gradients), as it does, with a
+warning, from the first time cuBLASLt refuses a call on. Under torch.compile it is a custom op (opaque to the
+compiler, with a fake shape and a registered backward the compiler traces); eager calls go through an
+autograd.Function. Model option: `model.mlp_backend=cublaslt|fused`; `scripts/benchmark.py mlp` and `dgelu`
+time them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from imagegen import cublaslt
+from imagegen.dgelu_matmul import matmul_dgelu, matmul_dgelu_runs
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -63,66 +68,76 @@ def _fc_gelu_kernels(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, t
     return F.gelu(h, approximate="tanh"), h
 
 
-def _fc_gelu_backward(dg: torch.Tensor, x: torch.Tensor, w1: torch.Tensor,
-                      h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dx (M, C), dw1 (F, C)."""
-    dh = torch.ops.aten.gelu_backward(dg, h, approximate="tanh")
-    return torch.mm(dh, w1), torch.mm(dh.t(), x)
+def _mlp_kernels(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 fused_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, C), w1 (F, C), w2 (C, F) -> y = g @ w2^T (M, C), g = gelu(h) and h = x @ w1^T (M, F)."""
+    g, h = _fc_gelu_kernels(x, w1)
+    return torch.mm(g, w2.t()), g, h
 
 
-_fc_gelu_op = torch.library.custom_op("imagegen::fc_gelu", _fc_gelu_kernels, mutates_args=())
+def _mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
+                  h: torch.Tensor, fused_backward: bool,
+                  custom_op: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx (M, C), dw1 (F, C), dw2 (C, F). fused_backward: dh = (dy @ w2) * gelu'(h) in one Triton GEMM
+    (imagegen.dgelu_matmul) where it runs, instead of cuBLAS and an elementwise kernel; through its custom op when
+    custom_op (the registered backward, which torch.compile traces)."""
+    dy = dy.contiguous()
+    if fused_backward and matmul_dgelu_runs(dy, w2, h):
+        dh = matmul_dgelu(dy, w2, h, custom_op=custom_op)
+    else:
+        dh = torch.ops.aten.gelu_backward(torch.mm(dy, w2), h, approximate="tanh")
+    return torch.mm(dh, w1), torch.mm(dh.t(), x), torch.mm(dy.t(), g)
 
 
-@_fc_gelu_op.register_fake
-def _(x, w1):
+_mlp_op = torch.library.custom_op("imagegen::gelu_mlp", _mlp_kernels, mutates_args=())
+
+
+@_mlp_op.register_fake
+def _(x, w1, w2, fused_backward):
     g = x.new_empty(x.shape[0], w1.shape[0])
-    return g, torch.empty_like(g)
+    return x.new_empty(x.shape[0], w2.shape[0]), g, torch.empty_like(g)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1 = inputs
-    ctx.save_for_backward(x, w1, output[1])
-    ctx.mark_non_differentiable(output[1])
+    x, w1, w2, ctx.fused_backward = inputs
+    _, g, h = output
+    ctx.save_for_backward(x, w1, w2, g, h)
+    ctx.mark_non_differentiable(g, h)
 
 
-def _backward(ctx, dg, dh_unused):
-    return _fc_gelu_backward(dg, *ctx.saved_tensors)
+def _backward(ctx, dy, dg_unused, dh_unused):
+    return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, custom_op=True), None)
 
 
-_fc_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+_mlp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerFcGelu(torch.autograd.Function):
+class _EagerMLP(torch.autograd.Function):
     """The same calls without the custom op, for eager calls (the dispatcher's host cost)."""
 
     @staticmethod
-    def forward(ctx, x, w1):
-        g, h = _fc_gelu_kernels(x, w1)
-        ctx.save_for_backward(x, w1, h)
-        return g
+    def forward(ctx, x, w1, w2, fused_backward):
+        y, g, h = _mlp_kernels(x, w1, w2, fused_backward)
+        ctx.save_for_backward(x, w1, w2, g, h)
+        ctx.fused_backward = fused_backward
+        return y
 
     @staticmethod
-    def backward(ctx, dg):
-        return _fc_gelu_backward(dg, *ctx.saved_tensors)
+    def backward(ctx, dy):
+        return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, custom_op=False), None)
 
 
-def fc_gelu(x: torch.Tensor, fc_weight: torch.Tensor, custom_op: bool | None = None) -> torch.Tensor:
-    """gelu_tanh(x @ fc_weight^T) for a bias-free Linear weight (F, C): (..., C) -> (..., F), in the autocast
-    dtype when autocast is on (else x's dtype). custom_op: go through the custom op (default: only while
-    torch.compile traces)."""
+def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor, custom_op: bool | None = None,
+             fused_backward: bool = False) -> torch.Tensor:
+    """proj(gelu_tanh(fc(x))) for bias-free Linear weights fc_weight (F, C), proj_weight (C, F): (..., C) ->
+    (..., C), in the autocast dtype when autocast is on (else x's dtype). custom_op: go through the custom op
+    (default: only while torch.compile traces). fused_backward: the backward's first GEMM applies gelu' in its
+    epilogue (imagegen.dgelu_matmul)."""
     dtype = _compute_dtype(x)
     shape = x.shape
-    x2, w1 = x.reshape(-1, shape[-1]).to(dtype).contiguous(), fc_weight.to(dtype)
+    x2, w1, w2 = x.reshape(-1, shape[-1]).to(dtype).contiguous(), fc_weight.to(dtype), proj_weight.to(dtype)
     if custom_op if custom_op is not None else torch.compiler.is_compiling():
-        g = _fc_gelu_op(x2, w1)[0]
+        y = _mlp_op(x2, w1, w2, fused_backward)[0]
     else:
-        g = _EagerFcGelu.apply(x2, w1)
-    return g.view(*shape[:-1], fc_weight.shape[0])
-
-
-def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor,
-             custom_op: bool | None = None) -> torch.Tensor:
-    """proj(gelu_tanh(fc(x))) for bias-free Linear weights fc_weight (F, C), proj_weight (C, F): (..., C) ->
-    (..., C)."""
-    g = fc_gelu(x, fc_weight, custom_op)
-    return F.linear(g, proj_weight.to(g.dtype))
+        y = _EagerMLP.apply(x2, w1, w2, fused_backward)
+    return y.view(*shape[:-1], proj_weight.shape[0])

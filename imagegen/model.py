@@ -26,7 +26,7 @@ from imagegen.patterns import PatternParams, parse_layout
 
 
 RESIDUAL_DTYPES = ("float32", "autocast")
-MLP_BACKENDS = ("torch", "cublaslt")
+MLP_BACKENDS = ("torch", "cublaslt", "fused")
 
 
 @dataclass
@@ -48,7 +48,8 @@ class ModelConfig:
     # autocast: it is held in the autocast dtype (bf16), halving the norms' and residual adds' memory traffic
     residual_dtype: str = "float32"
     # torch: fc, GELU, proj as separate ops (torch.compile fuses what it can); cublaslt: the forward GELU computed
-    # in the fc GEMM's cuBLASLt epilogue (imagegen.gelu_mlp) where it runs (CUDA, bf16/fp16), else the torch path
+    # in the fc GEMM's cuBLASLt epilogue (imagegen.gelu_mlp) where it runs (CUDA, bf16/fp16), else the torch path;
+    # fused: that, and the backward's gelu' in the epilogue of its first GEMM (a Triton kernel, imagegen.dgelu_matmul)
     mlp_backend: str = "torch"
 
     def __post_init__(self):
@@ -110,8 +111,9 @@ class MLP(nn.Module):
         self.backend = cfg.mlp_backend
 
     def forward(self, x):
-        if self.backend == "cublaslt" and gelu_mlp_runs(x, self.fc.out_features):
-            return self.dropout(gelu_mlp(x, self.fc.weight, self.proj.weight))
+        if self.backend != "torch" and gelu_mlp_runs(x, self.fc.out_features):
+            return self.dropout(gelu_mlp(x, self.fc.weight, self.proj.weight,
+                                         fused_backward=self.backend == "fused"))
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 

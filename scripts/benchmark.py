@@ -12,6 +12,7 @@
     python scripts/benchmark.py tune [--sizes 0 1] [--out tuning.json]  # launch settings of our Triton kernels (GPU)
     python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
     python scripts/benchmark.py gemms [--sizes 0]                   # a step's GEMMs: torch.mm vs cuBLASLt's best (GPU)
+    python scripts/benchmark.py dgelu [--out dgelu.json]           # the MLP's dgrad GEMM + gelu': cuBLAS vs fused (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
 
@@ -26,7 +27,7 @@ from imagegen.model import MLP_BACKENDS, RESIDUAL_DTYPES
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile", "tune", "calls",
-                                           "mlp", "gemms"])
+                                           "mlp", "gemms", "dgelu"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
@@ -56,7 +57,7 @@ def main():
               "tune": len(benchmark.ATTENTION_SHAPES)}
     if args.sizes and args.what in shapes and not all(0 <= i < shapes[args.what] for i in args.sizes):
         parser.error(f"--sizes for {args.what} are 0 to {shapes[args.what] - 1}, got {args.sizes}")
-    if args.what in ("largest", "tune", "calls", "mlp", "gemms") and not torch.cuda.is_available():
+    if args.what in ("largest", "tune", "calls", "mlp", "gemms", "dgelu") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
     if args.what == "tune":
         from imagegen import kernel_tuning
@@ -81,6 +82,11 @@ def main():
 
         result = gemm_survey.bench_gemms((args.sizes or [0])[0])
         print(gemm_survey.format_gemms(result))
+    elif args.what == "dgelu":
+        from imagegen import dgelu_survey
+
+        result = dgelu_survey.bench_dgelu()
+        print(dgelu_survey.format_dgelu(result))
     elif args.what == "mlp":
         result = train_benchmark.bench_mlp(quick=args.quick)
         print(train_benchmark.format_mlp(result))

@@ -16,6 +16,7 @@
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 #            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend)
 # mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
+# dgelu:     scripts/benchmark.py dgelu: the MLP's dgrad GEMM with gelu', cuBLAS + elementwise vs imagegen.dgelu_matmul
 # gemms:     scripts/benchmark.py gemms at GEMM_SIZES (default "0 1"): each GEMM of a training step, torch.mm against
 #            the fastest of cuBLASLt's heuristic candidates
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model;
@@ -65,6 +66,7 @@ for stage in "$@"; do
              --mlp-backends ${TRAIN_MLPS:-torch} ${TRAIN_INDUCTOR:+--inductor $TRAIN_INDUCTOR} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
+    dgelu) python scripts/benchmark.py dgelu --out "$OUT/dgelu.json" | tee "$OUT/dgelu.md" ;;
     mlp) python scripts/benchmark.py mlp --out "$OUT/mlp.json" | tee "$OUT/mlp.md" ;;
     gemms) for size in ${GEMM_SIZES:-0 1}; do   # a step's GEMMs: torch.mm against cuBLASLt's fastest candidate
              python scripts/benchmark.py gemms --sizes "$size" --out "$OUT/gemms_$size.json" | tee "$OUT/gemms_$size.md"

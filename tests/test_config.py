@@ -56,7 +56,7 @@ def test_option_composes_and_instantiates(group, option, tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("key,default,other,bad", [("residual_dtype", "float32", "autocast", "bf16"),
-                                                   ("mlp_backend", "torch", "cublaslt", "fused")])
+                                                   ("mlp_backend", "torch", "fused", "triton")])
 @pytest.mark.parametrize("model", options("model"))
 def test_speed_setting_reaches_the_model(model, key, default, other, bad, tiny_cfg):
     """model.residual_dtype and model.mlp_backend are keys of every model option, passed through to the model;

@@ -11,8 +11,9 @@ from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
 from imagegen.model import ImageTransformer, ModelConfig
 
 
+@pytest.mark.parametrize("fused_backward", [False, True], ids=["cublas-backward", "fused-backward"])
 @pytest.mark.parametrize("custom_op", [False, True], ids=["autograd-function", "custom-op"])
-def test_gelu_mlp_output_and_gradients_equal_the_reference(custom_op):
+def test_gelu_mlp_output_and_gradients_equal_the_reference(custom_op, fused_backward):
     """Both entry points (the eager autograd.Function and the custom op torch.compile sees) give
     proj(gelu_tanh(fc(x))) and its gradients for x, fc_weight and proj_weight; leading dims are kept."""
     torch.manual_seed(0)
@@ -20,7 +21,7 @@ def test_gelu_mlp_output_and_gradients_equal_the_reference(custom_op):
     w1 = (torch.randn(64, 16, dtype=torch.float64) / 4).requires_grad_(True)
     w2 = (torch.randn(16, 64, dtype=torch.float64) / 8).requires_grad_(True)
     dy = torch.randn(2, 37, 16, dtype=torch.float64)
-    y = gelu_mlp(x, w1, w2, custom_op=custom_op)
+    y = gelu_mlp(x, w1, w2, custom_op=custom_op, fused_backward=fused_backward)  # off CUDA: the unfused kernels
     y.backward(dy)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
     ref = F.linear(F.gelu(F.linear(leaves[0], leaves[1]), approximate="tanh"), leaves[2])
@@ -46,15 +47,26 @@ def test_cublaslt_takes_only_cuda_half_precision_operands_in_its_layouts():
         cublaslt.matmul_gelu(a, w.t())
 
 
-def test_cublaslt_mlp_backend_falls_back_where_the_fused_gemms_do_not_run():
-    """On a CPU model.mlp_backend=cublaslt takes the torch path: the same model gives the same logits."""
+@pytest.mark.parametrize("backend", ["cublaslt", "fused"])
+def test_gemm_epilogue_mlp_backends_fall_back_where_the_fused_gemms_do_not_run(backend):
+    """On a CPU model.mlp_backend=cublaslt and fused take the torch path: the same model gives the same logits."""
     kw = dict(vocab_size=11, height=4, width=5, n_layer=2, n_head=2, n_embd=16, layout=["local", "column"])
     torch.manual_seed(0)
     reference = ImageTransformer(ModelConfig(**kw)).eval()
-    model = ImageTransformer(ModelConfig(**kw, mlp_backend="cublaslt")).eval()
+    model = ImageTransformer(ModelConfig(**kw, mlp_backend=backend)).eval()
     model.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, 11, (2, 20))
     assert torch.equal(model(tokens), reference(tokens))
+
+
+def test_matmul_dgelu_refuses_operands_it_cannot_take():
+    """The fused backward GEMM says what it needs instead of launching on operands TMA cannot describe."""
+    from imagegen.dgelu_matmul import matmul_dgelu, matmul_dgelu_runs
+
+    dy, w, h = torch.randn(8, 64), torch.randn(64, 20), torch.randn(8, 20)  # 20 columns: rows not 16-byte aligned
+    assert not matmul_dgelu_runs(dy, w, h)  # (a CPU tensor, too)
+    with pytest.raises(ValueError, match="K a multiple of 64 and N of 8"):
+        matmul_dgelu(dy, w, h)
 
 
 def test_unknown_mlp_backend_is_refused():
@@ -82,3 +94,39 @@ def test_gelu_mlp_falls_back_with_a_warning_when_cublaslt_refuses(monkeypatch):
     torch.testing.assert_close(y, F.linear(F.gelu(F.linear(x, w1), approximate="tanh"), w2))
     gelu_mlp(x, w1, w2)
     assert len(calls) == 1
+
+
+DGELU_INTERPRETED = r"""
+import torch
+from imagegen import dgelu_matmul
+from imagegen.dgelu_matmul import Launch
+
+torch.manual_seed(0)
+worst = 0.0
+for (M, K, N), launch in (((70, 64, 40), Launch(64, 32, 64, 8, 4, 2)),             # one program per tile
+                          ((130, 128, 296), Launch(64, 64, halves=2, per_sm=1)),  # persistent, halves
+                          ((130, 64, 200), Launch(32, 64, prefetch_h=True))):     # h read before the K loop
+    dy, w, h = torch.randn(M, K), torch.randn(K, N) / 8, torch.randn(M, N) * 3  # large |h|: tanh saturates
+    product = dy @ w
+    ref = torch.ops.aten.gelu_backward(product, h, approximate="tanh")
+    worst = max(worst, ((dgelu_matmul._launch(dy, w, h, launch) - ref).norm() / ref.norm()).item(),
+                ((dgelu_matmul._launch(dy, w, h, launch, dgelu=False) - product).norm() / product.norm()).item())
+dy, w, h = torch.randn(40, 64), torch.randn(64, 24) / 8, torch.randn(40, 24)
+torch.library.opcheck(dgelu_matmul._op, (dy, w, h))  # the custom op's schema, fake and dispatch
+print("max rel err", worst)
+assert worst < 1e-5, worst
+"""
+
+
+def test_matmul_dgelu_kernel_equals_gelu_backward_in_the_interpreter():
+    """imagegen.dgelu_matmul's Triton kernel, run by Triton's CPU interpreter in fp32: (dy @ w) * gelu_tanh'(h)
+    equals aten's gelu_backward of the GEMM, on sizes that are no multiple of its tiles. In bf16: test_gpu.py."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", DGELU_INTERPRETED], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "max rel err" in done.stdout

@@ -168,13 +168,40 @@ def test_cublaslt_matmul_of_transposed_views_equals_reference(M, K, N, a_transpo
     assert err < 1e-2
 
 
+@pytest.mark.parametrize("M,K,N", [(4096, 512, 2048), (300, 128, 200)], ids=["4096x512x2048", "300x128x200"])
+def test_matmul_dgelu_equals_reference_in_bf16(M, K, N):
+    """imagegen.dgelu_matmul, as the model calls it and with each launch setting benchmark.py dgelu times (the
+    GPU's tanh.approx among them): (dy @ w) * gelu_tanh'(h) within bf16 rounding of the fp32 reference, and the
+    GEMM alone likewise; 300 x 200 is no multiple of a tile."""
+    from imagegen import dgelu_matmul
+
+    torch.manual_seed(0)
+    dy, w = torch.randn(M, K, device="cuda").bfloat16(), (torch.randn(K, N, device="cuda") / K**0.5).bfloat16()
+    h = (torch.randn(M, N, device="cuda") * 2).bfloat16()
+    assert dgelu_matmul.matmul_dgelu_runs(dy, w, h)
+    product = dy.float() @ w.float()
+    ref = torch.ops.aten.gelu_backward(product, h.float(), approximate="tanh")
+    for launch in [None, *dgelu_matmul.LAUNCH_CHOICES]:
+        err = ((dgelu_matmul.matmul_dgelu(dy, w, h, launch=launch).float() - ref).norm() / ref.norm()).item()
+        gemm = dgelu_matmul.matmul_dgelu(dy, w, h, launch=launch, dgelu=False).float()
+        gemm_err = ((gemm - product).norm() / product.norm()).item()
+        print(f"matmul_dgelu {M}x{K}x{N} {launch or 'LAUNCH'}: rel err {err:.2e}, GEMM alone {gemm_err:.2e}")
+        assert err < 1e-2 and gemm_err < 1e-2, (launch, err, gemm_err)
+
+
+@pytest.mark.parametrize("fused_backward", [False, True], ids=["cublas-backward", "fused-backward"])
 @pytest.mark.parametrize("tokens,width", [(4096, 64), (300, 128)], ids=["4096x64", "300x128"])
-def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width):
+def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width, fused_backward):
     """imagegen.gelu_mlp under bf16 autocast, eager and compiled (the custom op), against the fp32 MLP:
-    output and gradients within bf16 rounding; 300 rows is not a multiple of any tile."""
+    output and gradients within bf16 rounding; 300 rows is not a multiple of any tile. fused_backward: the
+    backward's first GEMM is imagegen.dgelu_matmul's."""
+    import functools
+
     import torch.nn.functional as F
 
     from imagegen.gelu_mlp import gelu_mlp
+
+    gelu_mlp = functools.partial(gelu_mlp, fused_backward=fused_backward)
 
     torch.manual_seed(0)
     x = torch.randn(tokens, width, device="cuda") * 2
@@ -192,7 +219,7 @@ def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width):
         assert y.dtype == torch.bfloat16
         y.backward(dy.bfloat16())
         errs = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([y.detach(), *(t.grad for t in leaves)], ref)]
-        print(f"bf16 fused GELU MLP {name:8s} {tokens}x{width} max rel err (y, dx, dW1, dW2) = {max(errs):.2e}")
+        print(f"bf16 fused GELU MLP {name:8s} {tokens}x{width} fused_backward={fused_backward} max rel err (y, dx, dW1, dW2) = {max(errs):.2e}")
         assert max(errs) < 2e-2
     from imagegen import cublaslt
 
@@ -200,10 +227,12 @@ def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width):
     assert (tokens, "gelu_aux") in epilogues  # the fused GEMM ran, no fallback
 
 
-def test_compiled_model_with_cublaslt_mlp_matches_torch_mlp():
-    """model.mlp_backend=cublaslt, compiled, in bf16: loss and every gradient within bf16 rounding of the torch MLP's."""
-    loss, ref_loss = compiled_variant_matches_reference({"mlp_backend": "cublaslt"}, compile_reference=True)
-    print(f"cublaslt MLP, compiled: loss {loss:.4f} vs {ref_loss:.4f}")
+@pytest.mark.parametrize("backend", ["cublaslt", "fused"])
+def test_compiled_model_with_gemm_epilogue_mlp_matches_torch_mlp(backend):
+    """model.mlp_backend=cublaslt / fused, compiled, in bf16: loss and every gradient within bf16 rounding of
+    the torch MLP's."""
+    loss, ref_loss = compiled_variant_matches_reference({"mlp_backend": backend}, compile_reference=True)
+    print(f"{backend} MLP, compiled: loss {loss:.4f} vs {ref_loss:.4f}")
 
 
 @pytest.mark.parametrize("layout", [["dense"], ["local", "column"], ["local|column"], ["strided"]], ids=str)

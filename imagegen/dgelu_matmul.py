@@ -1,0 +1,221 @@
+"""The MLP backward's first GEMM with the GELU backward in its epilogue: a Triton GEMM on TMA.
+
+In the backward of proj(gelu_tanh(h)), cuBLAS writes dg = dy @ proj_weight (M x F, F = 4C), then an
+elementwise kernel reads dg and h again and writes dh = dg * gelu_tanh'(h): at 32768 x 2048 in bf16 that
+pass moves 384 MB beside a GEMM of 69 GFLOP. Here one kernel computes each output tile of dy @ proj_weight in
+fp32, loads the same tile of h, and writes only dh. Operands travel by TMA (tensor descriptors), and gelu'
+takes its tanh from the GPU's tanh.approx.f32 instead of an exp and a division (the epilogue runs after the
+tile's matmul, so its cost adds to the kernel's; the division alone made it 0.037 ms slower at that size).
+
+H200, 32768 x 2048 x 512 (`scripts/benchmark.py dgelu`, benchmarks/h200i/fused_mlp/dgelu.md): 0.180 ms,
+against 0.216 ms for cuBLAS (0.114) plus Inductor's elementwise kernel; 0.136 vs 0.164 ms at 24576 rows,
+0.292 vs 0.322 ms at 16384 x 4096 x 1024. Persistent programs, column halves in the epilogue, h read before
+the K loop and other tiles are there as Launch settings, measured slower. An earlier pointer-based version
+(commit 798af8d, removed after) took 0.29 ms.
+
+    dh = matmul_dgelu(dy, proj_weight, h)      # dy (M, C), proj_weight (C, F), h (M, F) -> (M, F)
+
+Runs on CUDA GPUs with TMA (compute capability 9.0 or newer) in bf16/fp16, with contiguous operands and C a
+multiple of 64 and F of 8 (`matmul_dgelu_runs`); its exactness is tested in Triton's CPU interpreter (fp32,
+exact tanh) and on the GPU. Model option: `model.mlp_backend=fused` (imagegen.gelu_mlp).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    triton = None
+
+
+
+class Launch(NamedTuple):
+    """How matmul_dgelu launches: tile sizes, warps and pipeline stages; epilogue halves (store a tile in two
+    column halves: fewer registers and shared memory at a time); programs per SM (0: one program per output
+    tile, else persistent programs walking the tiles) and warp specialization (persistent only); prefetch_h: load
+    the tile of h into registers before the GEMM's K loop (one program per tile, halves 1), so the load overlaps
+    the matmul; fast_tanh: gelu' through the GPU's tanh.approx.f32 (on CUDA; relative error about 2^-11, below
+    bf16's rounding) instead of exp and a division."""
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    warps: int = 8
+    stages: int = 3
+    halves: int = 1
+    per_sm: int = 0
+    warp_specialize: bool = False
+    prefetch_h: bool = False
+    fast_tanh: bool = False
+
+
+LAUNCH = {"matmul": Launch(fast_tanh=True)}
+LAUNCH_CHOICES = [Launch(), Launch(fast_tanh=True), Launch(stages=2, fast_tanh=True),
+                  Launch(stages=2, halves=2, fast_tanh=True), Launch(warps=4, fast_tanh=True),
+                  Launch(warps=4, stages=2, fast_tanh=True), Launch(stages=4, fast_tanh=True),
+                  Launch(halves=2, fast_tanh=True), Launch(block_n=256, fast_tanh=True),
+                  Launch(block_m=64, block_n=256, warps=4, fast_tanh=True), Launch(group_m=4, fast_tanh=True),
+                  Launch(stages=2, halves=2, per_sm=2, fast_tanh=True),
+                  Launch(block_n=256, halves=2, per_sm=1, fast_tanh=True), Launch(warps=4, prefetch_h=True, fast_tanh=True)]
+
+GELU_BETA = math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x/2 (1 + tanh(GELU_BETA (x + GELU_KAPPA x^3)))
+GELU_KAPPA = 0.044715
+
+
+def _operands_fit(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> bool:
+    """dy (M, K), w (K, N), h (M, N): one dtype, contiguous, K a multiple of the K tile (64), N of 8 (TMA's
+    16-byte row alignment)."""
+    return (w.dtype == h.dtype == dy.dtype and dy.dim() == w.dim() == h.dim() == 2
+            and all(t.is_contiguous() for t in (dy, w, h)) and dy.shape[1] == w.shape[0]
+            and h.shape == (dy.shape[0], w.shape[1]) and dy.shape[1] % 64 == 0 and w.shape[1] % 8 == 0)
+
+
+def matmul_dgelu_runs(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether matmul_dgelu takes these operands: a CUDA GPU with TMA, bf16/fp16, and _operands_fit."""
+    return (triton is not None and dy.is_cuda and torch.cuda.get_device_capability(dy.device)[0] >= 9
+            and dy.dtype in (torch.float16, torch.bfloat16) and _operands_fit(dy, w, h))
+
+
+if triton is not None:
+    _BETA, _KAPPA = tl.constexpr(GELU_BETA), tl.constexpr(GELU_KAPPA)
+
+    @triton.jit
+    def _gelu_tanh_grad(x, FAST_TANH: tl.constexpr):
+        """d gelu_tanh(x) / dx in fp32 (aten's gelu_backward with approximate='tanh')."""
+        inner = _BETA * (x + _KAPPA * x * x * x)
+        if FAST_TANH:  # one special-function instruction instead of an exp and a division
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)  # tanh(inner), exact at both infinities
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _BETA * (1.0 + 3.0 * _KAPPA * x * x)
+
+    @triton.jit
+    def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """The first row and column of output tile number `tile`: GROUP_M row tiles walk the columns together
+        (so the programs running at once share tiles of B in L2)."""
+        group = tile // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % (GROUP_M * tiles_n)) % group_size
+        pid_n = (tile % (GROUP_M * tiles_n)) // group_size
+        return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+    @triton.jit
+    def _epilogue_half(acc, h_desc, out_desc, row, col, DGELU: tl.constexpr, FAST_TANH: tl.constexpr):
+        """Store acc (fp32) * gelu_tanh'(h) for the h tile at (row, col) (acc alone without DGELU)."""
+        if DGELU:
+            acc = acc * _gelu_tanh_grad(h_desc.load([row, col]).to(tl.float32), FAST_TANH)
+        out_desc.store([row, col], acc.to(out_desc.dtype))
+
+    @triton.jit
+    def _epilogue(acc, h_desc, out_desc, row, col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HALVES: tl.constexpr, DGELU: tl.constexpr, FAST_TANH: tl.constexpr):
+        """Store the tile at (row, col): acc * gelu_tanh'(h), or acc itself without DGELU, in HALVES column
+        halves (fewer registers and shared memory at a time)."""
+        if HALVES == 2:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)  # (BLOCK_M, BLOCK_N // 2) each
+            _epilogue_half(left, h_desc, out_desc, row, col, DGELU, FAST_TANH)
+            _epilogue_half(right, h_desc, out_desc, row, col + BLOCK_N // 2, DGELU, FAST_TANH)
+        else:
+            _epilogue_half(acc, h_desc, out_desc, row, col, DGELU, FAST_TANH)
+
+    @triton.jit
+    def _matmul_dgelu(a_desc, b_desc, h_desc, out_desc, H, M, N, K, NUM_PROGRAMS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      HALVES: tl.constexpr, PERSISTENT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                      PREFETCH_H: tl.constexpr, FAST_TANH: tl.constexpr, DGELU: tl.constexpr):
+        """OUT (M, N) = (A (M, K) @ B (K, N)) * gelu_tanh'(H (M, N)), all row-major, through tensor descriptors
+        (blocks: A [BLOCK_M, BLOCK_K], B [BLOCK_K, BLOCK_N], H and OUT [BLOCK_M, BLOCK_N // HALVES]).
+        PERSISTENT: NUM_PROGRAMS programs each take every NUM_PROGRAMS-th output tile; else one tile each.
+        PREFETCH_H (one tile per program, HALVES 1): H (the same tensor as h_desc's) is read through pointers
+        before the K loop, so the load is in flight during the matmul."""
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        first = tl.program_id(0)
+        if PERSISTENT:
+            # The epilogue's tile counter is kept apart from the loop's, so the flattened loop can prefetch ahead
+            stored = first - NUM_PROGRAMS
+            for tile in tl.range(first, tiles_m * tiles_n, NUM_PROGRAMS, flatten=True,
+                                 warp_specialize=WARP_SPECIALIZE):
+                row, col = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for ki in range(k_tiles):
+                    acc = tl.dot(a_desc.load([row, ki * BLOCK_K]), b_desc.load([ki * BLOCK_K, col]), acc)
+                stored += NUM_PROGRAMS
+                row, col = _tile_origin(stored, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+                _epilogue(acc, h_desc, out_desc, row, col, BLOCK_M, BLOCK_N, HALVES, DGELU, FAST_TANH)
+        else:
+            row, col = _tile_origin(first, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+            if PREFETCH_H:
+                rows, cols = row + tl.arange(0, BLOCK_M), col + tl.arange(0, BLOCK_N)
+                h = tl.load(H + rows[:, None].to(tl.int64) * N + cols[None, :],
+                            mask=(rows < M)[:, None] & (cols < N)[None, :], other=0.0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for ki in range(k_tiles):
+                acc = tl.dot(a_desc.load([row, ki * BLOCK_K]), b_desc.load([ki * BLOCK_K, col]), acc)
+            if PREFETCH_H:
+                if DGELU:
+                    acc = acc * _gelu_tanh_grad(h.to(tl.float32), FAST_TANH)
+                out_desc.store([row, col], acc.to(out_desc.dtype))
+            else:
+                _epilogue(acc, h_desc, out_desc, row, col, BLOCK_M, BLOCK_N, HALVES, DGELU, FAST_TANH)
+
+
+def _programs(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch | None = None,
+            dgelu: bool = True) -> torch.Tensor:
+    if not _operands_fit(dy, w, h):  # (Triton's CPU interpreter also runs it, in fp32, for the tests)
+        raise ValueError("matmul_dgelu needs contiguous operands dy (M, K), w (K, N), h (M, N) with K a multiple "
+                         f"of 64 and N of 8; got {dy.dtype} {tuple(dy.shape)}, {w.dtype} {tuple(w.shape)}, "
+                         f"{h.dtype} {tuple(h.shape)}")
+    (M, K), N = dy.shape, w.shape[1]
+    out = torch.empty_like(h)
+    launch = launch or LAUNCH["matmul"]
+    bm, bn, bk, halves, per_sm = launch.block_m, launch.block_n, launch.block_k, launch.halves, launch.per_sm
+    if launch.prefetch_h and (per_sm or halves != 1):
+        raise ValueError(f"prefetch_h needs one program per tile and halves 1: {launch}")
+    a = TensorDescriptor.from_tensor(dy, [bm, bk])
+    b = TensorDescriptor.from_tensor(w, [bk, bn])
+    h_desc = TensorDescriptor.from_tensor(h, [bm, bn // halves])
+    out_desc = TensorDescriptor.from_tensor(out, [bm, bn // halves])
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    programs = min(per_sm * _programs(dy.device), tiles) if per_sm else tiles
+    _matmul_dgelu[(programs,)](a, b, h_desc, out_desc, h, M, N, K, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn,
+                               BLOCK_K=bk, GROUP_M=launch.group_m, HALVES=halves, PERSISTENT=per_sm > 0,
+                               WARP_SPECIALIZE=launch.warp_specialize, PREFETCH_H=launch.prefetch_h,
+                               FAST_TANH=launch.fast_tanh and dy.is_cuda, DGELU=dgelu, num_warps=launch.warps,
+                               num_stages=launch.stages)
+    return out
+
+
+def _launch_default(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return _launch(dy, w, h)
+
+
+_op = torch.library.custom_op("imagegen::matmul_dgelu", _launch_default, mutates_args=())
+
+
+@_op.register_fake
+def _(dy, w, h):
+    return torch.empty_like(h)
+
+
+def matmul_dgelu(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, custom_op: bool = False,
+                 launch: Launch | None = None, dgelu: bool = True) -> torch.Tensor:
+    """(dy @ w) * gelu_tanh'(h) in one kernel: dy (M, K), w (K, N), h (M, N) -> (M, N) in their dtype. custom_op:
+    go through the custom op (opaque to the compiler; what a backward that torch.compile traces must call), else
+    launch directly, with `launch` (an entry of LAUNCH_CHOICES) instead of LAUNCH's setting if given, and
+    without the gelu' (dgelu=False: the GEMM alone, to time it) if asked."""
+    return _op(dy, w, h) if custom_op else _launch(dy, w, h, launch, dgelu)
