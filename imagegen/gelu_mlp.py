@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from imagegen import cublaslt
-from imagegen.chunked_wgrad import chunked_weight_grad
 from imagegen.dgelu_matmul import matmul_dgelu, matmul_dgelu_runs
 
 
@@ -69,27 +68,24 @@ def _fc_gelu_kernels(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, t
     return F.gelu(h, approximate="tanh"), h
 
 
-def _mlp_kernels(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, fused_backward: bool,
-                 chunked_wgrad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mlp_kernels(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 fused_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, C), w1 (F, C), w2 (C, F) -> y = g @ w2^T (M, C), g = gelu(h) and h = x @ w1^T (M, F)."""
     g, h = _fc_gelu_kernels(x, w1)
     return torch.mm(g, w2.t()), g, h
 
 
 def _mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
-                  h: torch.Tensor, fused_backward: bool, chunked_wgrad: bool,
+                  h: torch.Tensor, fused_backward: bool,
                   custom_op: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx (M, C), dw1 (F, C), dw2 (C, F). fused_backward: dh = (dy @ w2) * gelu'(h) in one Triton GEMM
     (imagegen.dgelu_matmul) where it runs, instead of cuBLAS and an elementwise kernel; through its custom op when
-    custom_op (the registered backward, which torch.compile traces). chunked_wgrad: dw1 and dw2 as
-    imagegen.chunked_wgrad computes them."""
+    custom_op (the registered backward, which torch.compile traces)."""
     dy = dy.contiguous()
     if fused_backward and matmul_dgelu_runs(dy, w2, h):
         dh = matmul_dgelu(dy, w2, h, custom_op=custom_op)
     else:
         dh = torch.ops.aten.gelu_backward(torch.mm(dy, w2), h, approximate="tanh")
-    if chunked_wgrad:
-        return torch.mm(dh, w1), chunked_weight_grad(dh, x, w1.dtype), chunked_weight_grad(dy, g, w2.dtype)
     return torch.mm(dh, w1), torch.mm(dh.t(), x), torch.mm(dy.t(), g)
 
 
@@ -97,21 +93,20 @@ _mlp_op = torch.library.custom_op("imagegen::gelu_mlp", _mlp_kernels, mutates_ar
 
 
 @_mlp_op.register_fake
-def _(x, w1, w2, fused_backward, chunked_wgrad):
+def _(x, w1, w2, fused_backward):
     g = x.new_empty(x.shape[0], w1.shape[0])
     return x.new_empty(x.shape[0], w2.shape[0]), g, torch.empty_like(g)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, w2, ctx.fused_backward, ctx.chunked_wgrad = inputs
+    x, w1, w2, ctx.fused_backward = inputs
     _, g, h = output
     ctx.save_for_backward(x, w1, w2, g, h)
     ctx.mark_non_differentiable(g, h)
 
 
 def _backward(ctx, dy, dg_unused, dh_unused):
-    return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, ctx.chunked_wgrad, custom_op=True),
-            None, None)
+    return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, custom_op=True), None)
 
 
 _mlp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -121,29 +116,28 @@ class _EagerMLP(torch.autograd.Function):
     """The same calls without the custom op, for eager calls (the dispatcher's host cost)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, fused_backward, chunked_wgrad):
-        y, g, h = _mlp_kernels(x, w1, w2, fused_backward, chunked_wgrad)
+    def forward(ctx, x, w1, w2, fused_backward):
+        y, g, h = _mlp_kernels(x, w1, w2, fused_backward)
         ctx.save_for_backward(x, w1, w2, g, h)
-        ctx.fused_backward, ctx.chunked_wgrad = fused_backward, chunked_wgrad
+        ctx.fused_backward = fused_backward
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, ctx.chunked_wgrad, custom_op=False),
-                None, None)
+        return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, custom_op=False), None)
 
 
 def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor, custom_op: bool | None = None,
-             fused_backward: bool = False, chunked_wgrad: bool = False) -> torch.Tensor:
+             fused_backward: bool = False) -> torch.Tensor:
     """proj(gelu_tanh(fc(x))) for bias-free Linear weights fc_weight (F, C), proj_weight (C, F): (..., C) ->
     (..., C), in the autocast dtype when autocast is on (else x's dtype). custom_op: go through the custom op
     (default: only while torch.compile traces). fused_backward: the backward's first GEMM applies gelu' in its
-    epilogue (imagegen.dgelu_matmul). chunked_wgrad: the weight gradients as imagegen.chunked_wgrad computes them."""
+    epilogue (imagegen.dgelu_matmul)."""
     dtype = _compute_dtype(x)
     shape = x.shape
     x2, w1, w2 = x.reshape(-1, shape[-1]).to(dtype).contiguous(), fc_weight.to(dtype), proj_weight.to(dtype)
     if custom_op if custom_op is not None else torch.compiler.is_compiling():
-        y = _mlp_op(x2, w1, w2, fused_backward, chunked_wgrad)[0]
+        y = _mlp_op(x2, w1, w2, fused_backward)[0]
     else:
-        y = _EagerMLP.apply(x2, w1, w2, fused_backward, chunked_wgrad)
+        y = _EagerMLP.apply(x2, w1, w2, fused_backward)
     return y.view(*shape[:-1], proj_weight.shape[0])

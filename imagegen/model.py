@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from imagegen.attention import Grid, attend_packed, check_layout
-from imagegen.chunked_wgrad import WGRADS, linear
 from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
 from imagegen.patterns import PatternParams, parse_layout
 
@@ -52,9 +51,6 @@ class ModelConfig:
     # in the fc GEMM's cuBLASLt epilogue (imagegen.gelu_mlp) where it runs (CUDA, bf16/fp16), else the torch path;
     # fused: that, and the backward's gelu' in the epilogue of its first GEMM (a Triton kernel, imagegen.dgelu_matmul)
     mlp_backend: str = "torch"
-    # mm: every Linear's weight gradient is one GEMM (cuBLAS splits its sum over the tokens itself); chunked: one
-    # batched GEMM over token chunks and one fp32 sum (imagegen.chunked_wgrad)
-    wgrad: str = "mm"
 
     def __post_init__(self):
         for name in ("vocab_size", "height", "width", "channels", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -69,8 +65,6 @@ class ModelConfig:
             raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
         if self.mlp_backend not in MLP_BACKENDS:
             raise ValueError(f"mlp_backend must be one of {MLP_BACKENDS}, got {self.mlp_backend!r}")
-        if self.wgrad not in WGRADS:
-            raise ValueError(f"wgrad must be one of {WGRADS}, got {self.wgrad!r}")
         self.layout = [str(s) for s in ([self.layout] if isinstance(self.layout, str) else self.layout)]
         self.pattern_params = dict(self.pattern_params)
         specs = parse_layout(self.layout)
@@ -87,11 +81,6 @@ class ModelConfig:
         return asdict(self)
 
 
-def project(layer: nn.Linear, x: torch.Tensor, chunked_wgrad: bool) -> torch.Tensor:
-    """layer(x) for a bias-free Linear; chunked_wgrad: its weight gradient from imagegen.chunked_wgrad."""
-    return linear(x, layer.weight) if chunked_wgrad else layer(x)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -103,15 +92,14 @@ class SelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.chunked_wgrad = cfg.wgrad == "chunked"
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
         B, N, C = x.shape
         h = self.n_head
-        qkv = project(self.qkv, x, self.chunked_wgrad).view(B, N, 3, h, C // h)  # one (B*N, C) x (C, 3C) GEMM
+        qkv = self.qkv(x).view(B, N, 3, h, C // h)  # one (B*N, C) x (C, 3C) GEMM
         y = attend_packed(qkv, self.spec, self.grid, self.params, self.backend)  # (B, N, h, D)
-        return self.dropout(project(self.proj, y.reshape(B, N, C), self.chunked_wgrad))
+        return self.dropout(self.proj(y.reshape(B, N, C)))
 
 
 class MLP(nn.Module):
@@ -121,14 +109,12 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
         self.backend = cfg.mlp_backend
-        self.chunked_wgrad = cfg.wgrad == "chunked"
 
     def forward(self, x):
         if self.backend != "torch" and gelu_mlp_runs(x, self.fc.out_features):
-            return self.dropout(gelu_mlp(x, self.fc.weight, self.proj.weight, fused_backward=self.backend == "fused",
-                                         chunked_wgrad=self.chunked_wgrad))
-        g = F.gelu(project(self.fc, x, self.chunked_wgrad), approximate="tanh")
-        return self.dropout(project(self.proj, g, self.chunked_wgrad))
+            return self.dropout(gelu_mlp(x, self.fc.weight, self.proj.weight,
+                                         fused_backward=self.backend == "fused"))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -211,7 +197,7 @@ class ImageTransformer(nn.Module):
         return self.ln_f(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return project(self.head, self.hidden(tokens), self.cfg.wgrad == "chunked")  # (B, N, V)
+        return self.head(self.hidden(tokens))  # (B, N, V)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy in nats, computed in fp32."""

@@ -7,8 +7,7 @@
     python scripts/benchmark.py largest [--out largest.json]        # largest ImageNet-64 batch that trains (GPU)
     python scripts/benchmark.py profile [--model sparse] [--sizes 0]  # where one training step's GPU time goes
     (train and profile: --residual-dtypes float32 autocast also times the bf16 residual stream,
-     --mlp-backends torch cublaslt fused the MLP with its GELU in GEMM epilogues, --wgrads mm chunked the
-     weight gradients as batched GEMMs over token chunks; profile takes the first of each)
+     --mlp-backends torch cublaslt the MLP with its forward GELU in a cuBLASLt GEMM epilogue)
     python scripts/benchmark.py mlp [--out mlp.json]                # the MLP alone, fwd+bwd: torch vs cublaslt MLP (GPU)
     python scripts/benchmark.py tune [--sizes 0 1] [--out tuning.json]  # launch settings of our Triton kernels (GPU)
     python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
@@ -22,7 +21,6 @@ import argparse
 import torch
 
 from imagegen import benchmark, train_benchmark
-from imagegen.chunked_wgrad import WGRADS
 from imagegen.model import MLP_BACKENDS, RESIDUAL_DTYPES
 
 
@@ -45,9 +43,6 @@ def main():
                         help="train: residual-stream dtypes to time our models with; profile: the first")
     parser.add_argument("--mlp-backends", nargs="+", default=["torch"], choices=list(MLP_BACKENDS),
                         help="train: MLP backends (model.mlp_backend) to time our models with; profile: the first")
-    parser.add_argument("--wgrads", nargs="+", default=["mm"], choices=list(WGRADS),
-                        help="train: how Linear weight gradients are computed (model.wgrad), one row each; "
-                             "profile: the first")
     parser.add_argument("--inductor", nargs="+", default=[""], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="train: torch._inductor.config settings to time our models with, one row each "
                              "('none': Inductor's defaults; e.g. none triton.mix_order_reduction_split_size=64)")
@@ -80,8 +75,7 @@ def main():
         print(benchmark.format_sampling(result))
     elif args.what == "profile":
         result = train_benchmark.profile_step(args.model, (args.sizes or [0])[0], quick=args.quick,
-                                              residual_dtype=args.residual_dtypes[0], mlp_backend=args.mlp_backends[0],
-                                              wgrad=args.wgrads[0])
+                                              residual_dtype=args.residual_dtypes[0], mlp_backend=args.mlp_backends[0])
         print(train_benchmark.format_profile(result))
     elif args.what == "gemms":
         from imagegen import gemm_survey
@@ -104,7 +98,7 @@ def main():
                                              compile_modes=tuple(args.compile_modes),
                                              residual_dtypes=tuple(args.residual_dtypes),
                                              models=tuple(args.models), mlp_backends=tuple(args.mlp_backends),
-                                             inductor=tuple(args.inductor), wgrads=tuple(args.wgrads))
+                                             inductor=tuple(args.inductor))
         print(train_benchmark.format_train(result))
     benchmark.save(result, args.out)
 

@@ -7,16 +7,14 @@
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
 #            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_RESIDUALS: residual-stream
 #            dtypes, default "float32", e.g. "float32 autocast"; TRAIN_MODELS: which of ours, default "dense sparse";
-#            TRAIN_MLPS: model.mlp_backend values, default "torch", e.g. "torch cublaslt"; TRAIN_WGRADS: model.wgrad
-#            values, default "mm", e.g. "mm chunked"; TRAIN_INDUCTOR:
+#            TRAIN_MLPS: model.mlp_backend values, default "torch", e.g. "torch cublaslt"; TRAIN_INDUCTOR:
 #            torch._inductor.config settings, one row each, e.g. "none triton.mix_order_reduction_split_size=64";
 #            TRAIN_TIMEOUT seconds)
 # tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
 #            (TUNE_SIZES: which attention-table shapes, default both: "0 1")
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
-#            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend;
-#            PROFILE_WGRAD: model.wgrad)
+#            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend)
 # mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
 # dgelu:     scripts/benchmark.py dgelu: the MLP's dgrad GEMM with gelu', cuBLAS + elementwise vs imagegen.dgelu_matmul
 # gemms:     scripts/benchmark.py gemms at GEMM_SIZES (default "0 1"): each GEMM of a training step, torch.mm against
@@ -66,7 +64,6 @@ for stage in "$@"; do
              --sizes ${TRAIN_SIZES:-0 1 2} --compile-modes ${TRAIN_MODES:-default} \
              --residual-dtypes ${TRAIN_RESIDUALS:-float32} --models ${TRAIN_MODELS:-dense sparse} \
              --mlp-backends ${TRAIN_MLPS:-torch} ${TRAIN_INDUCTOR:+--inductor $TRAIN_INDUCTOR} \
-             --wgrads ${TRAIN_WGRADS:-mm} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
     dgelu) python scripts/benchmark.py dgelu --out "$OUT/dgelu.json" | tee "$OUT/dgelu.md" ;;
@@ -79,7 +76,6 @@ for stage in "$@"; do
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
                python scripts/benchmark.py profile --model sparse --sizes "$size" \
                  --residual-dtypes "${PROFILE_RESIDUAL:-float32}" --mlp-backends "${PROFILE_MLP:-torch}" \
-                 --wgrads "${PROFILE_WGRAD:-mm}" \
                  --out "$OUT/profile_$size.json" \
                  2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \

@@ -235,32 +235,6 @@ def test_compiled_model_with_gemm_epilogue_mlp_matches_torch_mlp(backend):
     print(f"{backend} MLP, compiled: loss {loss:.4f} vs {ref_loss:.4f}")
 
 
-@pytest.mark.parametrize("mlp_backend", ["torch", "fused"])
-def test_compiled_model_with_chunked_wgrad_matches_default(mlp_backend):
-    """model.wgrad=chunked (with the torch MLP and with the fused one), compiled, in bf16: loss and every
-    gradient within bf16 rounding of the defaults'."""
-    loss, ref_loss = compiled_variant_matches_reference({"wgrad": "chunked", "mlp_backend": mlp_backend},
-                                                        compile_reference=True)
-    print(f"chunked wgrad, {mlp_backend} MLP, compiled: loss {loss:.4f} vs {ref_loss:.4f}")
-
-
-@pytest.mark.parametrize("out_features,in_features", [(2048, 512), (512, 512), (1536, 512)])
-def test_chunked_weight_grad_equals_reference_in_bf16(out_features, in_features):
-    """imagegen.chunked_wgrad at a 4096 x 8 step's shapes: the batched GEMM over token chunks and its fp32 sum
-    within bf16 rounding of the fp32 dy^T x, as torch.mm's bf16 result is."""
-    from imagegen.chunked_wgrad import chunked_weight_grad, chunks
-
-    torch.manual_seed(0)
-    dy = torch.randn(32768, out_features, device="cuda").bfloat16()
-    x = torch.randn(32768, in_features, device="cuda").bfloat16()
-    ref = dy.float().t() @ x.float()
-    assert chunks(32768, out_features, in_features) > 1
-    err = ((chunked_weight_grad(dy, x) - ref).norm() / ref.norm()).item()
-    mm_err = ((torch.mm(dy.t(), x).float() - ref).norm() / ref.norm()).item()
-    print(f"chunked wgrad {out_features}x{in_features}x32768: rel err {err:.2e} (torch.mm in bf16: {mm_err:.2e})")
-    assert err < 1e-2
-
-
 @pytest.mark.parametrize("layout", [["dense"], ["local", "column"], ["local|column"], ["strided"]], ids=str)
 def test_cuda_graph_decoding_equals_full_forward(layout):
     """The captured decode step (static caches, device-side position, one graph per key span) gives the
