@@ -70,7 +70,8 @@ def _fc_gelu_kernels(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _mlp_kernels(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  fused_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, C), w1 (F, C), w2 (C, F) -> y = g @ w2^T (M, C), g = gelu(h) and h = x @ w1^T (M, F)."""
+    """x (M, C), w1 (F, C), w2 (C, F) -> y = g @ w2^T (M, C), g = gelu(h) and h = x @ w1^T (M, F).
+    fused_backward only rides along, in the op's inputs, to the backward."""
     g, h = _fc_gelu_kernels(x, w1)
     return torch.mm(g, w2.t()), g, h
 
