@@ -108,7 +108,23 @@ def _measure(step, device: str, quick: bool):
     compile_s = time.perf_counter() - t0
     ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return ms, mem, compile_s
+    return ms, mem, compile_s, host_ms(step, device)
+
+
+def host_ms(step, device: str, steps: int = 5) -> float:
+    """Median milliseconds the host takes to issue one step, each started on an idle GPU (on a CPU: the step's
+    wall time). Near ms/step, the step waits on the host (or on a synchronisation inside it); well below, the
+    GPU's own work sets the pace."""
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
 
 
 def load_anchor(path: str | Path):
@@ -172,7 +188,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         params = model.num_params()
         flops = model_step_flops(model)
     with inductor_config.patch(inductor_settings(inductor)):  # torch.compile compiles in the untimed first steps
-        ms, mem, compile_s = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
+        ms, mem, compile_s, host = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
     tokens_per_sec = batch * n / (ms / 1e3)
     peak = peak_flops()
     mfu = tokens_per_sec * flops / peak if peak else None
@@ -183,7 +199,8 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
     compiled_with = compile_mode if device == "cuda" and kind != "anchor" else "default"  # CPU: eager
     return {"size": label, "model": row_label(kind, compiled_with, residual_dtype, mlp_backend, inductor),
             "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads, "params_M": params / 1e6,
-            "ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem,
+            "ms_per_step": ms, "host_ms_per_step": host, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+            "peak_mem_gib": mem,
             "warmup_s": compile_s}
 
 
@@ -216,20 +233,21 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
 def format_train(result: dict) -> str:
     out = [(f"Training step: forward + backward + fused AdamW, bf16 autocast, compiled "
             f"({result['device']}, torch {result['torch']}; medians)"),
-           "| size | N x batch | model | params | ms/step | tokens/s | x anchor | MFU | peak mem |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| size | N x batch | model | params | ms/step | host ms/step | tokens/s | x anchor | MFU | peak mem |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     anchors = {r["size"]: r for r in result["train"] if r["model"] == "anchor" and "error" not in r}
     for r in result["train"]:
         if "error" in r:
-            out.append(f"| {r['size']} | | {r['model']} | | {r['error']} | | | | |")
+            out.append(f"| {r['size']} | | {r['model']} | | {r['error']} | | | | | |")
             continue
         a = anchors.get(r["size"])
         ratio = f"{r['tokens_per_sec'] / a['tokens_per_sec']:.2f}x" if a else "-"
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "-"
         mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.1f} GiB"
         name = "anchor dense GPT" if r["model"] == "anchor" else f"ours, {r['model']}"
+        host = f"{r['host_ms_per_step']:.2f}" if "host_ms_per_step" in r else "-"
         out.append(f"| {r['size']} | {r['N']} x {r['batch']} | {name} | {r['params_M']:.1f}M | {r['ms_per_step']:.2f} | "
-                   f"{r['tokens_per_sec']:,.0f} | {ratio} | {mfu} | {mem} |")
+                   f"{host} | {r['tokens_per_sec']:,.0f} | {ratio} | {mfu} | {mem} |")
     return "\n".join(out)
 
 
@@ -252,8 +270,10 @@ def kernel_group(name: str) -> str:
 
 
 def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False, steps: int = 5,
-                 residual_dtype: str = "float32", mlp_backend: str = "torch") -> dict:
-    """Where one training step's GPU time goes: torch.profiler over `steps` compiled steps of our model,
+                 residual_dtype: str = "float32", mlp_backend: str = "torch",
+                 compile_mode: str = "default") -> dict:
+    """Where one training step's GPU time goes: torch.profiler over `steps` steps of our model compiled with
+    `compile_mode` (reduce-overhead: the kernels replayed from CUDA graphs, as the fastest train rows run),
     kernels summed by group (attention, matmul, Triton fusions, optimizer, other) and the top kernels.
     On a CPU (quick) it profiles the eager step's operators instead."""
     from torch.profiler import ProfilerActivity, profile
@@ -261,7 +281,8 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = (QUICK_SIZES if quick else SIZES)[size_index]
     label, V, H, W, C, _, _, _, batch = size
-    model, loss_fn = our_model(kind, size, device, residual_dtype=residual_dtype, mlp_backend=mlp_backend)
+    model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype=residual_dtype,
+                               mlp_backend=mlp_backend)
     step = training_step(model, loss_fn, batch, H * W * C, V, device)
     for _ in range(3):  # compile and warm up outside the trace
         step()
@@ -294,8 +315,9 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     for k in kernels:
         groups[k["group"]] = groups.get(k["group"], 0.0) + k["ms_per_step"]
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "size": label, "model": with_settings(kind, residual_dtype=residual_dtype, mlp_backend=mlp_backend),
-            "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms,
+            "size": label, "model": with_settings(kind, compile_mode if device == "cuda" else "default",
+                                                  residual_dtype, mlp_backend),
+            "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms, "host_ms_per_step": host_ms(step, device),
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
             "operators": operators}
 
@@ -309,7 +331,8 @@ def format_profile(result: dict, top: int = 25) -> str:
         out.append(f"| {group} | {ms:.2f} | {100 * ms / total:.0f}% |")
     out += [f"| total | {total:.2f} | |", "",
             (f"The step as timed alone: {result['timed_ms_per_step']:.2f} ms, of which the kernels above keep the "
-             f"{result['device']} busy {100 * min(1.0, total / result['timed_ms_per_step']):.0f}%; "
+             f"{result['device']} busy {100 * min(1.0, total / result['timed_ms_per_step']):.0f}%; issuing it takes the "
+             f"host {result.get('host_ms_per_step', float('nan')):.2f} ms; "
              f"{result['launches_per_step']:.0f} kernels (operators on a CPU) per step."), "",
             f"Top {top} kernels", "| kernel | group | ms/step | calls/step |", "|---|---|---|---|"]
     for k in result["kernels"][:top]:

@@ -38,7 +38,8 @@ def main():
     parser.add_argument("--models", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
                         help="train: which of our models to time beside the anchor")
     parser.add_argument("--compile-modes", nargs="+", default=["default"],
-                        help="train: torch.compile modes to time our models with (e.g. default max-autotune-no-cudagraphs)")
+                        help="train: torch.compile modes to time our models with (e.g. default max-autotune-no-cudagraphs); "
+                             "profile: the first")
     parser.add_argument("--residual-dtypes", nargs="+", default=["float32"], choices=list(RESIDUAL_DTYPES),
                         help="train: residual-stream dtypes to time our models with; profile: the first")
     parser.add_argument("--mlp-backends", nargs="+", default=["torch"], choices=list(MLP_BACKENDS),
@@ -75,7 +76,8 @@ def main():
         print(benchmark.format_sampling(result))
     elif args.what == "profile":
         result = train_benchmark.profile_step(args.model, (args.sizes or [0])[0], quick=args.quick,
-                                              residual_dtype=args.residual_dtypes[0], mlp_backend=args.mlp_backends[0])
+                                              residual_dtype=args.residual_dtypes[0], mlp_backend=args.mlp_backends[0],
+                                              compile_mode=args.compile_modes[0])
         print(train_benchmark.format_profile(result))
     elif args.what == "gemms":
         from imagegen import gemm_survey

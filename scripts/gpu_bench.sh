@@ -14,7 +14,8 @@
 #            (TUNE_SIZES: which attention-table shapes, default both: "0 1")
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
-#            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend)
+#            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend;
+#            PROFILE_MODE: the torch.compile mode, default "default", e.g. reduce-overhead for CUDA graphs)
 # mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
 # dgelu:     scripts/benchmark.py dgelu: the MLP's dgrad GEMM with gelu', cuBLAS + elementwise vs imagegen.dgelu_matmul
 # gemms:     scripts/benchmark.py gemms at GEMM_SIZES (default "0 1"): each GEMM of a training step, torch.mm against
@@ -76,6 +77,7 @@ for stage in "$@"; do
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
                python scripts/benchmark.py profile --model sparse --sizes "$size" \
                  --residual-dtypes "${PROFILE_RESIDUAL:-float32}" --mlp-backends "${PROFILE_MLP:-torch}" \
+                 --compile-modes "${PROFILE_MODE:-default}" \
                  --out "$OUT/profile_$size.json" \
                  2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \

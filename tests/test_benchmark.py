@@ -69,6 +69,13 @@ def test_train_benchmark_times_each_residual_dtype(tmp_path):
     assert "| ours, sparse, autocast residual |" in printed
 
 
+def test_train_rows_say_how_long_the_host_takes_to_issue_a_step(tmp_path):
+    """Each row has the host's time to issue one step beside ms/step (on a CPU both are the step's wall time)."""
+    quick_train_rows(tmp_path, "--models", "sparse")
+    (row,) = json.loads((tmp_path / "train.json").read_text())["train"]
+    assert 0 < row["host_ms_per_step"] < 60e3 and row["ms_per_step"] > 0
+
+
 def test_profile_table_names_the_operators_behind_kernels():
     """On a GPU the profile also lists the ATen operators that launched kernels (e.g. what a reduction kernel
     outside Inductor's fusions belongs to); the table shows them with their calls per step."""
