@@ -23,6 +23,7 @@ exact tanh) and on the GPU. Model option: `model.mlp_backend=fused` (imagegen.ge
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -174,12 +175,16 @@ def _programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch | None = None,
-            dgelu: bool = True) -> torch.Tensor:
+def _check_operands(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
     if not _operands_fit(dy, w, h):  # (Triton's CPU interpreter also runs it, in fp32, for the tests)
         raise ValueError("matmul_dgelu needs contiguous operands dy (M, K), w (K, N), h (M, N) with K a multiple "
                          f"of 64 and N of 8; got {dy.dtype} {tuple(dy.shape)}, {w.dtype} {tuple(w.shape)}, "
                          f"{h.dtype} {tuple(h.shape)}")
+
+
+def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch | None = None,
+            dgelu: bool = True) -> torch.Tensor:
+    _check_operands(dy, w, h)
     (M, K), N = dy.shape, w.shape[1]
     out = torch.empty_like(h)
     launch = launch or LAUNCH["matmul"]
@@ -200,11 +205,25 @@ def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch |
     return out
 
 
-def _launch_default(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return _launch(dy, w, h)
+_failed: list[str] = []  # why the kernel would not run, once: later calls take cuBLAS's path
 
 
-_op = torch.library.custom_op("imagegen::matmul_dgelu", _launch_default, mutates_args=())
+def _launch_or_fall_back(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The kernel with LAUNCH's setting; if it fails (e.g. a Triton without an API it uses), the same result
+    from torch.mm and aten's gelu_backward, with one warning, from then on. Operands it cannot take are the
+    caller's error (ValueError)."""
+    _check_operands(dy, w, h)
+    if not _failed:
+        try:
+            return _launch(dy, w, h)
+        except Exception as e:  # noqa: BLE001 (a compile error of Triton's own types among them)
+            _failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            warnings.warn(f"model.mlp_backend=fused: the gelu' GEMM failed ({_failed[0]}); the MLP backward uses "
+                          "torch.mm and gelu_backward instead", stacklevel=2)
+    return torch.ops.aten.gelu_backward(torch.mm(dy, w), h, approximate="tanh")
+
+
+_op = torch.library.custom_op("imagegen::matmul_dgelu", _launch_or_fall_back, mutates_args=())
 
 
 @_op.register_fake
@@ -216,6 +235,9 @@ def matmul_dgelu(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, custom_op: 
                  launch: Launch | None = None, dgelu: bool = True) -> torch.Tensor:
     """(dy @ w) * gelu_tanh'(h) in one kernel: dy (M, K), w (K, N), h (M, N) -> (M, N) in their dtype. custom_op:
     go through the custom op (opaque to the compiler; what a backward that torch.compile traces must call), else
-    launch directly, with `launch` (an entry of LAUNCH_CHOICES) instead of LAUNCH's setting if given, and
-    without the gelu' (dgelu=False: the GEMM alone, to time it) if asked."""
-    return _op(dy, w, h) if custom_op else _launch(dy, w, h, launch, dgelu)
+    call directly. Either way with LAUNCH's setting it falls back to torch.mm and gelu_backward, with a warning,
+    if the kernel fails. `launch` (an entry of LAUNCH_CHOICES) or dgelu=False (the GEMM alone, to time it)
+    launch that exactly, without the fallback."""
+    if custom_op:
+        return _op(dy, w, h)
+    return _launch(dy, w, h, launch, dgelu) if launch or not dgelu else _launch_or_fall_back(dy, w, h)

@@ -69,6 +69,27 @@ def test_matmul_dgelu_refuses_operands_it_cannot_take():
         matmul_dgelu(dy, w, h)
 
 
+def test_matmul_dgelu_falls_back_with_one_warning_when_its_kernel_fails(monkeypatch):
+    """If the Triton kernel fails (e.g. a Triton without an API it uses), the model's calls get the same result
+    from torch.mm and gelu_backward, with one warning, and do not try the kernel again."""
+    from imagegen import dgelu_matmul
+
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CompilationError: this Triton has no tensor descriptors")
+
+    monkeypatch.setattr(dgelu_matmul, "_launch", fail)
+    monkeypatch.setattr(dgelu_matmul, "_failed", [])
+    dy, w, h = torch.randn(8, 64), torch.randn(64, 24), torch.randn(8, 24)
+    with pytest.warns(UserWarning, match="the gelu' GEMM failed .*no tensor descriptors"):
+        got = dgelu_matmul.matmul_dgelu(dy, w, h)
+    torch.testing.assert_close(got, torch.ops.aten.gelu_backward(dy @ w, h, approximate="tanh"))
+    torch.testing.assert_close(dgelu_matmul.matmul_dgelu(dy, w, h, custom_op=True), got)  # the op, compiled
+    assert len(calls) == 1
+
+
 def test_unknown_mlp_backend_is_refused():
     with pytest.raises(ValueError, match="mlp_backend must be one of"):
         ModelConfig(vocab_size=11, height=4, width=5, mlp_backend="cutlass")

@@ -187,6 +187,7 @@ def test_matmul_dgelu_equals_reference_in_bf16(M, K, N):
         gemm_err = ((gemm - product).norm() / product.norm()).item()
         print(f"matmul_dgelu {M}x{K}x{N} {launch or 'LAUNCH'}: rel err {err:.2e}, GEMM alone {gemm_err:.2e}")
         assert err < 1e-2 and gemm_err < 1e-2, (launch, err, gemm_err)
+    assert not dgelu_matmul._failed  # LAUNCH's setting ran the kernel, not the fallback
 
 
 @pytest.mark.parametrize("fused_backward", [False, True], ids=["cublas-backward", "fused-backward"])
@@ -233,6 +234,9 @@ def test_compiled_model_with_gemm_epilogue_mlp_matches_torch_mlp(backend):
     the torch MLP's."""
     loss, ref_loss = compiled_variant_matches_reference({"mlp_backend": backend}, compile_reference=True)
     print(f"{backend} MLP, compiled: loss {loss:.4f} vs {ref_loss:.4f}")
+    from imagegen import dgelu_matmul
+
+    assert not dgelu_matmul._failed  # fused: the Triton GEMM ran, no fallback
 
 
 @pytest.mark.parametrize("layout", [["dense"], ["local", "column"], ["local|column"], ["strided"]], ids=str)
