@@ -145,3 +145,13 @@ def test_gemm_survey_lists_every_matmul_flop_of_a_step(index):
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     tokens = size[-1] * model.grid.num_tokens
     assert sum(2 * g["M"] * g["N"] * g["K"] * g["per_step"] for g in step_gemms(size)) == 6 * weights * tokens
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("what", ["dgelu", "gemms", "mlp"])
+def test_gpu_only_benchmarks_say_so_on_a_cpu(what):
+    """The benchmarks that time CUDA kernels stop with a clear message instead of a traceback."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), what],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert f"'{what}' measures CUDA kernels and needs a GPU" in done.stderr
