@@ -200,8 +200,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
     return {"size": label, "model": row_label(kind, compiled_with, residual_dtype, mlp_backend, inductor),
             "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads, "params_M": params / 1e6,
             "ms_per_step": ms, "host_ms_per_step": host, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "peak_mem_gib": mem,
-            "warmup_s": compile_s}
+            "peak_mem_gib": mem, "warmup_s": compile_s}
 
 
 def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,

@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from imagegen import benchmark, train_benchmark
+from imagegen import benchmark, dgelu_survey, gemm_survey, kernel_tuning, train_benchmark
 from imagegen.model import MLP_BACKENDS, RESIDUAL_DTYPES
 
 
@@ -60,48 +60,27 @@ def main():
         parser.error(f"--sizes for {args.what} are 0 to {shapes[args.what] - 1}, got {args.sizes}")
     if args.what in ("largest", "tune", "calls", "mlp", "gemms", "dgelu") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
-    if args.what == "tune":
-        from imagegen import kernel_tuning
-
-        result = kernel_tuning.tune(shapes=args.sizes)
-        print(kernel_tuning.format_tuning(result))
-    elif args.what == "calls":
-        result = benchmark.bench_call_costs()
-        print(benchmark.format_call_costs(result))
-    elif args.what == "attention":
-        result = benchmark.bench_attention(quick=args.quick)
-        print(benchmark.format_attention(result))
-    elif args.what == "sample":
-        result = benchmark.bench_sampling(quick=args.quick)
-        print(benchmark.format_sampling(result))
-    elif args.what == "profile":
-        result = train_benchmark.profile_step(args.model, (args.sizes or [0])[0], quick=args.quick,
-                                              residual_dtype=args.residual_dtypes[0], mlp_backend=args.mlp_backends[0],
-                                              compile_mode=args.compile_modes[0])
-        print(train_benchmark.format_profile(result))
-    elif args.what == "gemms":
-        from imagegen import gemm_survey
-
-        result = gemm_survey.bench_gemms((args.sizes or [0])[0])
-        print(gemm_survey.format_gemms(result))
-    elif args.what == "dgelu":
-        from imagegen import dgelu_survey
-
-        result = dgelu_survey.bench_dgelu()
-        print(dgelu_survey.format_dgelu(result))
-    elif args.what == "mlp":
-        result = train_benchmark.bench_mlp(quick=args.quick)
-        print(train_benchmark.format_mlp(result))
-    elif args.what == "largest":
-        result = train_benchmark.bench_largest()
-        print(train_benchmark.format_largest(result))
-    else:
-        result = train_benchmark.bench_train(quick=args.quick, anchor_path=args.anchor, sizes=args.sizes,
-                                             compile_modes=tuple(args.compile_modes),
-                                             residual_dtypes=tuple(args.residual_dtypes),
-                                             models=tuple(args.models), mlp_backends=tuple(args.mlp_backends),
-                                             inductor=tuple(args.inductor))
-        print(train_benchmark.format_train(result))
+    first_size = (args.sizes or [0])[0]
+    runs = {  # what -> (run it, format its result)
+        "attention": (lambda: benchmark.bench_attention(quick=args.quick), benchmark.format_attention),
+        "sample": (lambda: benchmark.bench_sampling(quick=args.quick), benchmark.format_sampling),
+        "calls": (benchmark.bench_call_costs, benchmark.format_call_costs),
+        "tune": (lambda: kernel_tuning.tune(shapes=args.sizes), kernel_tuning.format_tuning),
+        "profile": (lambda: train_benchmark.profile_step(
+            args.model, first_size, quick=args.quick, residual_dtype=args.residual_dtypes[0],
+            mlp_backend=args.mlp_backends[0], compile_mode=args.compile_modes[0]), train_benchmark.format_profile),
+        "gemms": (lambda: gemm_survey.bench_gemms(first_size), gemm_survey.format_gemms),
+        "dgelu": (dgelu_survey.bench_dgelu, dgelu_survey.format_dgelu),
+        "mlp": (lambda: train_benchmark.bench_mlp(quick=args.quick), train_benchmark.format_mlp),
+        "largest": (train_benchmark.bench_largest, train_benchmark.format_largest),
+        "train": (lambda: train_benchmark.bench_train(
+            quick=args.quick, anchor_path=args.anchor, sizes=args.sizes, compile_modes=tuple(args.compile_modes),
+            residual_dtypes=tuple(args.residual_dtypes), models=tuple(args.models),
+            mlp_backends=tuple(args.mlp_backends), inductor=tuple(args.inductor)), train_benchmark.format_train),
+    }
+    run, format_result = runs[args.what]
+    result = run()
+    print(format_result(result))
     benchmark.save(result, args.out)
 
 

@@ -1,6 +1,7 @@
-"""The MLP with its forward GELU in a cuBLASLt GEMM epilogue (imagegen.gelu_mlp, model.mlp_backend=cublaslt), on a
-CPU: its op and the registered backward against F.linear + F.gelu (off CUDA the op computes with torch.mm and
-F.gelu), what cuBLASLt accepts, and the model's fallback. The cuBLASLt GEMM in bf16: tests/test_gpu.py."""
+"""The MLP with its GELU in GEMM epilogues (imagegen.gelu_mlp, model.mlp_backend=cublaslt and fused), on a CPU: its
+op and the registered backward against F.linear + F.gelu (off CUDA the op computes with torch.mm and F.gelu), what
+cuBLASLt and the fused backward GEMM (imagegen.dgelu_matmul, in Triton's interpreter) accept and compute, and the
+fallbacks. The GEMMs in bf16: tests/test_gpu.py."""
 
 import pytest
 import torch
