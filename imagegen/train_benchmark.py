@@ -309,6 +309,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
             kernels.append({"name": evt.key, "group": kernel_group(evt.key), "ms_per_step": t / 1e3 / steps,
                             "calls_per_step": evt.count / steps})
     kernels.sort(key=lambda k: -k["ms_per_step"])
+    gaps = device_gaps(prof.events(), steps) if device == "cuda" else None
     operators.sort(key=lambda k: -k["ms_per_step"])
     groups: dict[str, float] = {}
     for k in kernels:
@@ -318,7 +319,37 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
                                                   residual_dtype, mlp_backend),
             "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms, "host_ms_per_step": host_ms(step, device),
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
-            "operators": operators}
+            "operators": operators, **({"gaps": gaps} if gaps else {})}
+
+
+GAP_BUCKETS_US = (5, 20, 100)
+
+
+def device_gaps(events, steps: int, top: int = 12) -> dict:
+    """Where the GPU sat idle between kernels over the profiled steps: the span from the first kernel's start to
+    the last one's end, the time some kernel ran, the idle gaps per step by length (< 5 us, 5-20, 20-100,
+    >= 100 us) and the longest gaps with the kernels either side of them."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type.name == "CUDA" and not ANNOTATION.match(e.name))
+    if not spans:
+        return {}
+    busy, gaps = 0.0, []
+    start, end, last = spans[0]
+    for s, e, name in spans[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, last, name))
+            start = s
+        if e > end:
+            end, last = e, name
+    busy += end - start
+    limits = (0,) + GAP_BUCKETS_US + (float("inf"),)
+    buckets = [{"from_us": lo, "to_us": hi, "per_step": sum(1 for g in gaps if lo <= g[0] < hi) / steps,
+                "ms_per_step": sum(g[0] for g in gaps if lo <= g[0] < hi) / 1e3 / steps}
+               for lo, hi in zip(limits, limits[1:])]
+    longest = sorted(gaps, key=lambda g: -g[0])[:top]
+    return {"span_ms_per_step": (spans[-1][1] - spans[0][0]) / 1e3 / steps, "busy_ms_per_step": busy / 1e3 / steps,
+            "buckets": buckets, "longest": [{"us": us, "after": a, "before": b} for us, a, b in longest]}
 
 
 def format_profile(result: dict, top: int = 25) -> str:
@@ -336,6 +367,15 @@ def format_profile(result: dict, top: int = 25) -> str:
             f"Top {top} kernels", "| kernel | group | ms/step | calls/step |", "|---|---|---|---|"]
     for k in result["kernels"][:top]:
         out.append(f"| `{k['name'][:90]}` | {k['group']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |")
+    if result.get("gaps"):
+        g = result["gaps"]
+        out += ["", (f"Idle GPU between kernels, per step: the kernels span {g['span_ms_per_step']:.2f} ms, some kernel "
+                     f"runs {g['busy_ms_per_step']:.2f} ms of it"),
+                "| gap | gaps/step | ms/step |", "|---|---|---|"]
+        out += [f"| {b['from_us']}-{b['to_us']} us | {b['per_step']:.0f} | {b['ms_per_step']:.3f} |"
+                for b in g["buckets"]]
+        out += ["", "Longest gaps", "| us | after | before |", "|---|---|---|"]
+        out += [f"| {x['us']:.0f} | `{x['after'][:60]}` | `{x['before'][:60]}` |" for x in g["longest"]]
     if result.get("operators"):  # kernels launched through ATen, not Inductor's: cuBLAS GEMMs, reductions, AdamW
         out += ["", "ATen operators that launched kernels (GPU time of their kernels; nested operators count twice)",
                 "| operator | ms/step | calls/step |", "|---|---|---|"]

@@ -91,6 +91,32 @@ def test_profile_table_names_the_operators_behind_kernels():
     assert "ATen operators" not in format_profile(result)
 
 
+def test_device_gaps_measure_idle_time_between_kernels_over_the_steps():
+    """Kernels [0,10] and [5,12] overlap (busy 12 us); then idle 3 us before [15,20], an annotation range that
+    covers the gap is not a kernel, and a 100 us gap precedes [120,130]; over 2 steps."""
+    from types import SimpleNamespace
+
+    from imagegen.train_benchmark import device_gaps, format_profile
+
+    def event(name, start, end, device="CUDA"):
+        return SimpleNamespace(name=name, device_type=SimpleNamespace(name=device),
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("a", 0, 10), event("b", 5, 12), event("c", 15, 20), event("Optimizer.step#AdamW.step", 12, 120),
+              event("aten::mm", 20, 119, device="CPU"), event("d", 120, 130)]
+    gaps = device_gaps(events, steps=2)
+    assert gaps["span_ms_per_step"] == pytest.approx(130 / 1e3 / 2)
+    assert gaps["busy_ms_per_step"] == pytest.approx(27 / 1e3 / 2)
+    counts = {(b["from_us"], b["to_us"]): (b["per_step"], b["ms_per_step"] * 2e3) for b in gaps["buckets"]}
+    assert counts[(0, 5)] == (0.5, pytest.approx(3)) and counts[(100, float("inf"))] == (0.5, pytest.approx(100))
+    assert counts[(5, 20)] == counts[(20, 100)] == (0, 0)
+    assert [(g["us"], g["after"], g["before"]) for g in gaps["longest"]] == [(100, "c", "d"), (3, "b", "c")]
+    result = {"model": "sparse", "size": "s", "N": 16, "batch": 2, "device": "GPU", "torch": "2.x",
+              "timed_ms_per_step": 0.1, "launches_per_step": 2, "groups": {"other": 0.0135}, "kernels": [],
+              "gaps": gaps}
+    assert "| 100 | `c` | `d` |" in format_profile(result)
+
+
 def test_profile_leaves_out_annotation_ranges_but_keeps_kernels_named_with_lambdas():
     from imagegen.train_benchmark import ANNOTATION
 
