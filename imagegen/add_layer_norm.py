@@ -37,25 +37,22 @@ MAX_WIDTH = 8192  # one row's columns live in registers
 
 
 class Launch(NamedTuple):
-    """How the backward kernel launches: rows per loop step, warps, programs per SM (each program walks a
-    contiguous run of rows and writes one row of partial sums) and software-pipeline stages of its row loop."""
-    block_m: int = 4
-    warps: int = 4
-    per_sm: int = 8
-    stages: int = 1
+    """How the backward kernel launches: rows per loop step (0: 4096 elements' worth of rows), warps, and
+    programs per SM (each program walks a contiguous run of rows and writes one row of partial sums)."""
+    block_m: int = 0
+    warps: int = 8
+    per_sm: int = 4
 
 
-LAUNCH = Launch()  # when a shape's first call cannot time the choices (e.g. while a CUDA graph is captured)
-LAUNCH_CHOICES = [Launch(), Launch(per_sm=16), Launch(block_m=8), Launch(block_m=8, per_sm=16), Launch(block_m=2),
-                  Launch(block_m=2, warps=2, per_sm=16), Launch(stages=2), Launch(block_m=8, warps=8, per_sm=4),
-                  Launch(block_m=1, warps=1, per_sm=32)]
+LAUNCH = Launch()
+LAUNCH_CHOICES = [Launch(), Launch(per_sm=2), Launch(per_sm=8), Launch(warps=4), Launch(block_m=16),
+                  Launch(block_m=4, warps=4)]
 
 if triton is not None:
 
     @triton.jit
     def _layer_norm_backward(DY, S, DS_NEXT, MEAN, RSTD, W, DS, PARTIAL, M, N, rows_per_program,
-                             HAS_DS_NEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             STAGES: tl.constexpr):
+                             HAS_DS_NEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program p: rows [p * rows_per_program, ...) of ds = ds_next + LN'(dy) (all (M, N), row-major), and
         PARTIAL[0, p] = sum over its rows of dy * xhat, PARTIAL[1, p] = sum of dy (PARTIAL (2, programs, N))."""
         pid = tl.program_id(0)
@@ -63,11 +60,11 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # summed over rows once, after the loop
-        db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
         first = pid * rows_per_program
         last = tl.minimum(first + rows_per_program, M)
-        for start in tl.range(first, last, BLOCK_M, num_stages=STAGES):
+        for start in range(first, last, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < last
             ok = row_ok[:, None] & col_ok[None, :]
@@ -84,10 +81,10 @@ if triton is not None:
             if HAS_DS_NEXT:
                 ds += tl.load(DS_NEXT + offs, mask=ok, other=0.0).to(tl.float32)
             tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=ok)
-            dw += dy * xhat
-            db += dy
-        tl.store(PARTIAL + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
-        tl.store(PARTIAL + (programs + pid) * N + cols, tl.sum(db, axis=0), mask=col_ok)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+        tl.store(PARTIAL + pid * N + cols, dw, mask=col_ok)
+        tl.store(PARTIAL + (programs + pid) * N + cols, db, mask=col_ok)
 
     @triton.jit
     def _sum_partials(PARTIAL, OUT, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -114,11 +111,13 @@ def _programs(device: torch.device, per_sm: int) -> int:
 
 
 def _launch(dy: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-            ds_next: torch.Tensor | None, launch: Launch) -> tuple[torch.Tensor, torch.Tensor]:
+            ds_next: torch.Tensor | None, launch: Launch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernels on (M, N) operands (mean, rstd (M,)): ds (M, N) in s's dtype, and (2, N) fp32 holding
     dgamma and dbeta."""
+    launch = launch or LAUNCH
     M, N = s.shape
-    block_n, block_m = triton.next_power_of_2(N), launch.block_m
+    block_n = triton.next_power_of_2(N)
+    block_m = launch.block_m or max(1, 4096 // block_n)
     programs = max(1, min(triton.cdiv(M, block_m), _programs(s.device, launch.per_sm) if s.is_cuda else 4))
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
     programs = triton.cdiv(M, rows_per_program)
@@ -126,39 +125,10 @@ def _launch(dy: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     partial = torch.empty(2, programs, N, device=s.device, dtype=torch.float32)
     _layer_norm_backward[(programs,)](dy, s, ds_next if ds_next is not None else ds, mean, rstd, weight, ds,
                                       partial, M, N, rows_per_program, HAS_DS_NEXT=ds_next is not None,
-                                      BLOCK_M=block_m, BLOCK_N=block_n, STAGES=launch.stages,
-                                      num_warps=launch.warps)
+                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=launch.warps)
     sums = torch.empty(2, N, device=s.device, dtype=torch.float32)
-    _sum_partials[(triton.cdiv(N, 16), 2)](partial, sums, programs, N, BLOCK_P=128, BLOCK_N=16, num_warps=4)
+    _sum_partials[(triton.cdiv(N, 32), 2)](partial, sums, programs, N, BLOCK_P=32, BLOCK_N=32, num_warps=4)
     return ds, sums
-
-
-_tuned: dict[tuple, Launch] = {}  # the fastest Launch per operand shape and dtypes, timed at its first call
-
-
-def _fastest_launch(dy, s, mean, rstd, weight, ds_next) -> Launch:
-    """The fastest of LAUNCH_CHOICES for these operands' shape and dtypes, each timed on them (a few
-    milliseconds, once per shape, as Triton's autotuner does); LAUNCH while a CUDA graph is being captured."""
-    key = (tuple(s.shape), s.dtype, dy.dtype, ds_next is None, s.device)
-    if key in _tuned:
-        return _tuned[key]
-    if not s.is_cuda or torch.cuda.is_current_stream_capturing():
-        return LAUNCH
-    times = {}
-    for launch in LAUNCH_CHOICES:
-        try:
-            _launch(dy, s, mean, rstd, weight, ds_next, launch)  # compile
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(5):
-                _launch(dy, s, mean, rstd, weight, ds_next, launch)
-            end.record()
-            end.synchronize()
-            times[launch] = start.elapsed_time(end)
-        except Exception:  # noqa: BLE001, S112 (a setting this GPU cannot run is left out)
-            continue
-    _tuned[key] = min(times, key=times.get) if times else LAUNCH
-    return _tuned[key]
 
 
 def _reference(dy: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
@@ -195,7 +165,7 @@ def _backward_kernels(dy: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, rst
     _check_operands(dy, s, mean, rstd, weight, ds_next)
     if fused_backward_runs(s) and not _failed:
         try:
-            return _launch(dy, s, mean, rstd, weight, ds_next, _fastest_launch(dy, s, mean, rstd, weight, ds_next))
+            return _launch(dy, s, mean, rstd, weight, ds_next)
         except Exception as e:  # noqa: BLE001 (a compile error of Triton's own types among them)
             _failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             warnings.warn(f"model.norm_backend=fused: the layer-norm backward kernel failed ({_failed[0]}); the "
@@ -224,9 +194,7 @@ def layer_norm_backward(dy: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, r
 
 
 class _AddLayerNorm(torch.autograd.Function):
-    """s = x + delta and y = LN(s) in fp32 (then the output dtype), returning (s, y); without delta, y = LN(x) alone
-    (returning x itself as an output would alias an input, which compiled autograd may treat apart). The
-    backward goes through layer_norm_backward, with s's own gradient added in the same pass."""
+    """s = x (+ delta), y = LN(s) in fp32 (then the output dtype); the backward through layer_norm_backward."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps, out_dtype):
@@ -238,11 +206,10 @@ class _AddLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(s, mean, rstd, weight)
         ctx.delta_dtype = None if delta is None else delta.dtype
         ctx.has_bias = bias is not None
-        return y.to(out_dtype) if delta is None else (s, y.to(out_dtype))
+        return s, y.to(out_dtype)
 
     @staticmethod
-    def backward(ctx, *grads):
-        ds_next, dy = (None, grads[0]) if ctx.delta_dtype is None else grads
+    def backward(ctx, ds_next, dy):
         s, mean, rstd, weight = ctx.saved_tensors
         C = s.shape[-1]
         ds, sums = layer_norm_backward(
@@ -263,8 +230,6 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Te
         device = x.device.type
         s_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else s_dtype
-        if delta is None:
-            return x, _AddLayerNorm.apply(x, None, weight, bias, eps, out_dtype)
         return _AddLayerNorm.apply(x, delta, weight, bias, eps, out_dtype)
     s = x if delta is None else x + delta
     return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)

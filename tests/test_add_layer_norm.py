@@ -93,8 +93,8 @@ from imagegen.add_layer_norm import Launch
 
 torch.manual_seed(0)
 worst = 0.0
-for (M, N), launch, with_next in (((37, 24), Launch(), True), ((130, 200), Launch(block_m=8, per_sm=1), False),
-                                  ((67, 64), Launch(block_m=16, stages=2), True)):
+for (M, N), launch, with_next in (((37, 24), Launch(), True), ((130, 200), Launch(block_m=4, per_sm=1), False),
+                                  ((67, 64), Launch(block_m=16, warps=4), True)):
     s, dy, ds_next = torch.randn(M, N) * 2 + 1, torch.randn(M, N), torch.randn(M, N)
     mean, rstd = s.mean(-1), torch.rsqrt(s.var(-1, unbiased=False) + 1e-5)
     w = torch.randn(N)
@@ -129,14 +129,13 @@ from imagegen import add_layer_norm as aln
 target = GPUTarget("cuda", 90, 32)
 sig = {"DY": "*bf16", "S": "*bf16", "DS_NEXT": "*bf16", "MEAN": "*fp32", "RSTD": "*fp32", "W": "*fp32",
        "DS": "*bf16", "PARTIAL": "*fp32", "M": "i32", "N": "i32", "rows_per_program": "i32",
-       "HAS_DS_NEXT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr"}
+       "HAS_DS_NEXT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
 for kernel, signature, constexprs in [
-        (aln._layer_norm_backward, sig, dict(HAS_DS_NEXT=True, BLOCK_M=4, BLOCK_N=512, STAGES=1)),
-        (aln._layer_norm_backward, sig, dict(HAS_DS_NEXT=False, BLOCK_M=8, BLOCK_N=1024, STAGES=2)),
+        (aln._layer_norm_backward, sig, dict(HAS_DS_NEXT=True, BLOCK_M=8, BLOCK_N=512)),
         (aln._sum_partials, {"PARTIAL": "*fp32", "OUT": "*fp32", "P": "i32", "N": "i32", "BLOCK_P": "constexpr",
                              "BLOCK_N": "constexpr"}, dict(BLOCK_P=32, BLOCK_N=32))]:
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
-                              options={"num_warps": 4})
+                              options={"num_warps": 8})
     assert "cubin" in compiled.asm
     print(kernel.fn.__name__, "compiled for sm_90")
 """
@@ -147,7 +146,7 @@ def test_layer_norm_backward_kernels_compile_for_hopper(tmp_path):
     done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env={**os.environ, "TRITON_CACHE_DIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled for sm_90") == 3
+    assert done.stdout.count("compiled for sm_90") == 2
 
 
 @pytest.mark.parametrize("residual_dtype", ["float32", "autocast"])

@@ -115,9 +115,9 @@ def compiled_variant_matches_reference(option: dict, compile_reference: bool) ->
         loss = torch.compile(model.loss)(tokens)
     ref_loss.backward(), loss.backward()
     assert abs(loss.item() - ref_loss.item()) < 2e-2
-    errors = {name: ((p.grad - r.grad).norm() / r.grad.norm()).item()
-              for (name, p), r in zip(model.named_parameters(), reference.parameters())}
-    assert max(errors.values()) < 5e-2, {name: err for name, err in errors.items() if err >= 5e-2}
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        err = ((p.grad - r.grad).norm() / r.grad.norm()).item()
+        assert err < 5e-2, (name, err)
     return loss.item(), ref_loss.item()
 
 
@@ -247,9 +247,8 @@ def test_compiled_model_with_fused_norm_backward_matches_torch_norms(residual_dt
 
     loss, ref_loss = compiled_variant_matches_reference({"norm_backend": "fused", "residual_dtype": residual_dtype},
                                                         compile_reference=True)
-    print(f"fused norm backward, {residual_dtype} residual, compiled: loss {loss:.4f} vs {ref_loss:.4f}; "
-          f"launch settings picked: {set(add_layer_norm._tuned.values())}")
-    assert not add_layer_norm._failed and add_layer_norm._tuned
+    print(f"fused norm backward, {residual_dtype} residual, compiled: loss {loss:.4f} vs {ref_loss:.4f}")
+    assert not add_layer_norm._failed
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
