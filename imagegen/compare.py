@@ -17,13 +17,12 @@ import os
 
 
 def with_settings(label: str, compile_mode: str = "default", residual_dtype: str = "float32",
-                  mlp_backend: str = "torch", norm_backend: str = "torch") -> str:
+                  mlp_backend: str = "torch") -> str:
     """`label` plus the speed settings that differ from the defaults: `sparse, autocast residual, cublaslt MLP,
     reduce-overhead` (compile_mode off, i.e. not compiled, adds nothing). The run labels here and the
     rows of `scripts/benchmark.py train` both name runs this way."""
     extras = ([f"{residual_dtype} residual"] if residual_dtype != "float32" else []) + \
         ([f"{mlp_backend} MLP"] if mlp_backend != "torch" else []) + \
-        ([f"{norm_backend} norms"] if norm_backend != "torch" else []) + \
         ([compile_mode] if compile_mode not in ("default", "off") else [])
     return ", ".join([label] + extras)
 
@@ -94,7 +93,7 @@ def summarize(run_dir: str) -> dict:
     if info.get("devices", 1) > 1:
         label += f" x{info['devices']} devices"
     label = with_settings(label, info.get("compile_mode", "default"), info.get("residual_dtype", "float32"),
-                          info.get("mlp_backend", "torch"), info.get("norm_backend", "torch"))
+                          info.get("mlp_backend", "torch"))
     return {
         "run": run_dir,
         "label": label,

@@ -20,14 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from imagegen.add_layer_norm import add_layer_norm
 from imagegen.attention import Grid, attend_packed, check_layout
 from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
 from imagegen.patterns import PatternParams, parse_layout
 
+
 RESIDUAL_DTYPES = ("float32", "autocast")
 MLP_BACKENDS = ("torch", "cublaslt", "fused")
-NORM_BACKENDS = ("torch", "fused")
 
 
 @dataclass
@@ -52,9 +51,6 @@ class ModelConfig:
     # in the fc GEMM's cuBLASLt epilogue (imagegen.gelu_mlp) where it runs (CUDA, bf16/fp16), else the torch path;
     # fused: that, and the backward's gelu' in the epilogue of its first GEMM (a Triton kernel, imagegen.dgelu_matmul)
     mlp_backend: str = "torch"
-    # torch: F.layer_norm after each residual add (torch.compile fuses them; its backward sums dgamma/dbeta partials
-    # with eager aten calls); fused: the same forward, the backward in one Triton pass (imagegen.add_layer_norm)
-    norm_backend: str = "torch"
 
     def __post_init__(self):
         for name in ("vocab_size", "height", "width", "channels", "n_layer", "n_head", "n_embd", "mlp_ratio"):
@@ -69,8 +65,6 @@ class ModelConfig:
             raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
         if self.mlp_backend not in MLP_BACKENDS:
             raise ValueError(f"mlp_backend must be one of {MLP_BACKENDS}, got {self.mlp_backend!r}")
-        if self.norm_backend not in NORM_BACKENDS:
-            raise ValueError(f"norm_backend must be one of {NORM_BACKENDS}, got {self.norm_backend!r}")
         self.layout = [str(s) for s in ([self.layout] if isinstance(self.layout, str) else self.layout)]
         self.pattern_params = dict(self.pattern_params)
         specs = parse_layout(self.layout)
@@ -123,12 +117,6 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
-def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: nn.LayerNorm, backend: str):
-    """x + delta (x when delta is None) and its LayerNorm, as (stream, normed): the residual add and the norm
-    it feeds are one step (imagegen.add_layer_norm), so the norm's backward can take the add's gradient along."""
-    return add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps, fused_backward=backend == "fused")
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -136,14 +124,10 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg, layer)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
-        self.norm_backend = cfg.norm_backend
 
-    def forward(self, x, pending=None):
-        """x: the residual stream; pending: the previous block's MLP output, not yet added to it (None for the
-        first block). Returns the stream and this block's MLP output, which the next norm adds."""
-        x, h = add_norm(x, pending, self.ln1, self.norm_backend)
-        x, h = add_norm(x, self.attn(h), self.ln2, self.norm_backend)
-        return x, self.mlp(h)
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
 
 
 class ImageTransformer(nn.Module):
@@ -205,13 +189,12 @@ class ImageTransformer(nn.Module):
         device = x.device.type
         if self.cfg.residual_dtype == "autocast" and torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))  # the residual stream in bf16: norms still compute in fp32
-        pending = None  # each block's MLP output: the next norm adds it to the stream
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
-                x, pending = checkpoint(block, x, pending, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False)
             else:
-                x, pending = block(x, pending)
-        return add_norm(x, pending, self.ln_f, self.cfg.norm_backend)[1]
+                x = block(x)
+        return self.ln_f(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden(tokens))  # (B, N, V)

@@ -65,21 +65,20 @@ def model_step_flops(model: ImageTransformer) -> float:
 
 
 def size_config(kind: str, size: tuple, activation_checkpointing: bool = False,
-                residual_dtype: str = "float32", mlp_backend: str = "torch", norm_backend: str = "torch") -> ModelConfig:
+                residual_dtype: str = "float32", mlp_backend: str = "torch") -> ModelConfig:
     """The ModelConfig of `kind` (dense or sparse) at a size tuple (label, vocab, H, W, C, layers, d, heads[,
     batch])."""
     _, V, H, W, C, n_layer, d, heads = size[:8]
     return ModelConfig(vocab_size=V, height=H, width=W, channels=C, n_layer=n_layer, n_head=heads, n_embd=d,
                        layout=LAYOUTS[kind], activation_checkpointing=activation_checkpointing,
-                       residual_dtype=residual_dtype, mlp_backend=mlp_backend, norm_backend=norm_backend)
+                       residual_dtype=residual_dtype, mlp_backend=mlp_backend)
 
 
 def our_model(kind: str, size: tuple, device: str, compile_mode: str = "default", residual_dtype: str = "float32",
-              mlp_backend: str = "torch", norm_backend: str = "torch"):
+              mlp_backend: str = "torch"):
     """Our model (`kind` = dense or sparse) at one of SIZES, and its loss as training runs it: compiled
     on a GPU, eager on a CPU."""
-    model = ImageTransformer(size_config(kind, size, residual_dtype=residual_dtype, mlp_backend=mlp_backend,
-                                         norm_backend=norm_backend)).to(device)
+    model = ImageTransformer(size_config(kind, size, residual_dtype=residual_dtype, mlp_backend=mlp_backend)).to(device)
     return model, torch.compile(model.loss, mode=compile_mode) if device == "cuda" else model.loss
 
 
@@ -159,17 +158,15 @@ def inductor_settings(text: str) -> dict:
     return settings
 
 
-def row_label(kind: str, compile_mode: str, residual_dtype: str, mlp_backend: str, inductor: str = "",
-              norm_backend: str = "torch") -> str:
+def row_label(kind: str, compile_mode: str, residual_dtype: str, mlp_backend: str, inductor: str = "") -> str:
     """A train-table row's model name: `kind` with its speed settings (compare.with_settings) and, when it
     sets any, the Inductor settings it ran with."""
-    label = with_settings(kind, compile_mode, residual_dtype, mlp_backend, norm_backend)
+    label = with_settings(kind, compile_mode, residual_dtype, mlp_backend)
     return f"{label}, {inductor}" if inductor_settings(inductor) else label
 
 
 def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, compile_mode: str = "default",
-              residual_dtype: str = "float32", mlp_backend: str = "torch", inductor: str = "",
-              norm_backend: str = "torch") -> dict:
+              residual_dtype: str = "float32", mlp_backend: str = "torch", inductor: str = "") -> dict:
     """One row of the train table; `inductor` (see inductor_settings) patches torch._inductor.config while
     our model compiles and runs."""
     import torch._inductor.config as inductor_config
@@ -187,7 +184,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         params = sum(p.numel() for p in model.parameters()) - V * d - n * d
         flops = step_flops(params, ["dense"] * n_layer, d, H, row_len)
     else:
-        model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype, mlp_backend, norm_backend)
+        model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype, mlp_backend)
         params = model.num_params()
         flops = model_step_flops(model)
     with inductor_config.patch(inductor_settings(inductor)):  # torch.compile compiles in the untimed first steps
@@ -200,8 +197,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         torch.cuda.empty_cache()
     torch._dynamo.reset()
     compiled_with = compile_mode if device == "cuda" and kind != "anchor" else "default"  # CPU: eager
-    return {"size": label,
-            "model": row_label(kind, compiled_with, residual_dtype, mlp_backend, inductor, norm_backend),
+    return {"size": label, "model": row_label(kind, compiled_with, residual_dtype, mlp_backend, inductor),
             "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads, "params_M": params / 1e6,
             "ms_per_step": ms, "host_ms_per_step": host, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
             "peak_mem_gib": mem, "warmup_s": compile_s}
@@ -210,7 +206,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
 def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,
                 compile_modes: tuple[str, ...] = ("default",), residual_dtypes: tuple[str, ...] = ("float32",),
                 models: tuple[str, ...] = ("dense", "sparse"), mlp_backends: tuple[str, ...] = ("torch",),
-                inductor: tuple[str, ...] = ("",), norm_backends: tuple[str, ...] = ("torch",)) -> dict:
+                inductor: tuple[str, ...] = ("",)) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     anchor = load_anchor(anchor_path) if anchor_path else None
     table = QUICK_SIZES if quick else SIZES
@@ -218,15 +214,15 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
     for i, size in enumerate(table):
         if sizes is not None and i not in sizes:
             continue
-        runs = [("anchor", "default", "float32", "torch", "", "torch")] if anchor else []
+        runs = [("anchor", "default", "float32", "torch", "")] if anchor else []
         modes = compile_modes if device == "cuda" else ("default",)  # nothing is compiled on a CPU
-        runs += [(kind, mode, residual, mlp, settings, norm) for mode in modes for residual in residual_dtypes
-                 for mlp in mlp_backends for norm in norm_backends for settings in inductor for kind in models]
-        for kind, mode, residual, mlp, settings, norm in runs:
+        runs += [(kind, mode, residual, mlp, settings) for mode in modes for residual in residual_dtypes
+                 for mlp in mlp_backends for settings in inductor for kind in models]
+        for kind, mode, residual, mlp, settings in runs:
             try:
-                rows.append(bench_one(kind, size, device, quick, anchor, mode, residual, mlp, settings, norm))
+                rows.append(bench_one(kind, size, device, quick, anchor, mode, residual, mlp, settings))
             except torch.OutOfMemoryError as e:  # a size that does not fit is a result, not a crash
-                rows.append({"size": size[0], "model": row_label(kind, mode, residual, mlp, settings, norm),
+                rows.append({"size": size[0], "model": row_label(kind, mode, residual, mlp, settings),
                              "error": f"out of memory: {str(e)[:120]}"})
             print(rows[-1], flush=True)
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
@@ -274,7 +270,7 @@ def kernel_group(name: str) -> str:
 
 def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False, steps: int = 5,
                  residual_dtype: str = "float32", mlp_backend: str = "torch",
-                 compile_mode: str = "default", norm_backend: str = "torch") -> dict:
+                 compile_mode: str = "default") -> dict:
     """Where one training step's GPU time goes: torch.profiler over `steps` steps of our model compiled with
     `compile_mode` (reduce-overhead: the kernels replayed from CUDA graphs, as the fastest train rows run),
     kernels summed by group (attention, matmul, Triton fusions, optimizer, other) and the top kernels.
@@ -285,7 +281,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     size = (QUICK_SIZES if quick else SIZES)[size_index]
     label, V, H, W, C, _, _, _, batch = size
     model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype=residual_dtype,
-                               mlp_backend=mlp_backend, norm_backend=norm_backend)
+                               mlp_backend=mlp_backend)
     step = training_step(model, loss_fn, batch, H * W * C, V, device)
     for _ in range(3):  # compile and warm up outside the trace
         step()
@@ -320,7 +316,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
         groups[k["group"]] = groups.get(k["group"], 0.0) + k["ms_per_step"]
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "size": label, "model": with_settings(kind, compile_mode if device == "cuda" else "default",
-                                                  residual_dtype, mlp_backend, norm_backend),
+                                                  residual_dtype, mlp_backend),
             "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms, "host_ms_per_step": host_ms(step, device),
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
             "operators": operators, **({"gaps": gaps} if gaps else {})}

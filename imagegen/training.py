@@ -43,7 +43,6 @@ def model_config(cfg: DictConfig, tokenizer) -> ModelConfig:
         pattern_params=OmegaConf.to_container(m.params, resolve=True), backend=m.backend,
         activation_checkpointing=resolve_auto(m.activation_checkpointing, not uses_gpu(cfg)),
         residual_dtype=m.get("residual_dtype", "float32"), mlp_backend=m.get("mlp_backend", "torch"),
-        norm_backend=m.get("norm_backend", "torch"),
     )
 
 
@@ -152,8 +151,7 @@ def write_run_info(cfg: DictConfig, module: ImageGPT, trainer) -> dict:
             "tokens_per_step": per_device * devices * cfg.trainer.get("accumulate_grad_batches", 1)
             * module.model.grid.num_tokens,
             "compile_mode": str(module.hparams.compile_mode) if module.hparams.compile else "off",
-            "residual_dtype": module.model.cfg.residual_dtype, "mlp_backend": module.model.cfg.mlp_backend,
-            "norm_backend": module.model.cfg.norm_backend}
+            "residual_dtype": module.model.cfg.residual_dtype, "mlp_backend": module.model.cfg.mlp_backend}
     if trainer.is_global_zero:
         os.makedirs(cfg.paths.run_dir, exist_ok=True)
         with open(os.path.join(cfg.paths.run_dir, "run.json"), "w") as f:

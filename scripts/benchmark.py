@@ -7,14 +7,12 @@
     python scripts/benchmark.py largest [--out largest.json]        # largest ImageNet-64 batch that trains (GPU)
     python scripts/benchmark.py profile [--model sparse] [--sizes 0]  # where one training step's GPU time goes
     (train and profile: --residual-dtypes float32 autocast also times the bf16 residual stream,
-     --mlp-backends torch cublaslt the MLP with its forward GELU in a cuBLASLt GEMM epilogue,
-     --norm-backends torch fused the layer norms with their one-pass Triton backward)
+     --mlp-backends torch cublaslt the MLP with its forward GELU in a cuBLASLt GEMM epilogue)
     python scripts/benchmark.py mlp [--out mlp.json]                # the MLP alone, fwd+bwd: torch vs cublaslt MLP (GPU)
     python scripts/benchmark.py tune [--sizes 0 1] [--out tuning.json]  # launch settings of our Triton kernels (GPU)
     python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
     python scripts/benchmark.py gemms [--sizes 0]                   # a step's GEMMs: torch.mm vs cuBLASLt's best (GPU)
     python scripts/benchmark.py dgelu [--out dgelu.json]           # the MLP's dgrad GEMM + gelu': cuBLAS vs fused (GPU)
-    python scripts/benchmark.py norm [--out norm.json]             # the layer-norm backward: Inductor vs fused (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
 
@@ -22,14 +20,14 @@ import argparse
 
 import torch
 
-from imagegen import benchmark, dgelu_survey, gemm_survey, kernel_tuning, norm_survey, train_benchmark
-from imagegen.model import MLP_BACKENDS, NORM_BACKENDS, RESIDUAL_DTYPES
+from imagegen import benchmark, dgelu_survey, gemm_survey, kernel_tuning, train_benchmark
+from imagegen.model import MLP_BACKENDS, RESIDUAL_DTYPES
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile", "tune", "calls",
-                                           "mlp", "gemms", "dgelu", "norm"])
+                                           "mlp", "gemms", "dgelu"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
@@ -46,9 +44,6 @@ def main():
                         help="train: residual-stream dtypes to time our models with; profile: the first")
     parser.add_argument("--mlp-backends", nargs="+", default=["torch"], choices=list(MLP_BACKENDS),
                         help="train: MLP backends (model.mlp_backend) to time our models with; profile: the first")
-    parser.add_argument("--norm-backends", nargs="+", default=["torch"], choices=list(NORM_BACKENDS),
-                        help="train: layer-norm backends (model.norm_backend) to time our models with; profile: "
-                             "the first")
     parser.add_argument("--inductor", nargs="+", default=[""], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="train: torch._inductor.config settings to time our models with, one row each "
                              "('none': Inductor's defaults; e.g. none triton.mix_order_reduction_split_size=64)")
@@ -63,7 +58,7 @@ def main():
               "tune": len(benchmark.ATTENTION_SHAPES)}
     if args.sizes and args.what in shapes and not all(0 <= i < shapes[args.what] for i in args.sizes):
         parser.error(f"--sizes for {args.what} are 0 to {shapes[args.what] - 1}, got {args.sizes}")
-    if args.what in ("largest", "tune", "calls", "mlp", "gemms", "dgelu", "norm") and not torch.cuda.is_available():
+    if args.what in ("largest", "tune", "calls", "mlp", "gemms", "dgelu") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
     first_size = (args.sizes or [0])[0]
     runs = {  # what -> (run it, format its result)
@@ -73,18 +68,15 @@ def main():
         "tune": (lambda: kernel_tuning.tune(shapes=args.sizes), kernel_tuning.format_tuning),
         "profile": (lambda: train_benchmark.profile_step(
             args.model, first_size, quick=args.quick, residual_dtype=args.residual_dtypes[0],
-            mlp_backend=args.mlp_backends[0], compile_mode=args.compile_modes[0],
-            norm_backend=args.norm_backends[0]), train_benchmark.format_profile),
+            mlp_backend=args.mlp_backends[0], compile_mode=args.compile_modes[0]), train_benchmark.format_profile),
         "gemms": (lambda: gemm_survey.bench_gemms(first_size), gemm_survey.format_gemms),
         "dgelu": (dgelu_survey.bench_dgelu, dgelu_survey.format_dgelu),
-        "norm": (norm_survey.bench_norm, norm_survey.format_norm),
         "mlp": (lambda: train_benchmark.bench_mlp(quick=args.quick), train_benchmark.format_mlp),
         "largest": (train_benchmark.bench_largest, train_benchmark.format_largest),
         "train": (lambda: train_benchmark.bench_train(
             quick=args.quick, anchor_path=args.anchor, sizes=args.sizes, compile_modes=tuple(args.compile_modes),
             residual_dtypes=tuple(args.residual_dtypes), models=tuple(args.models),
-            mlp_backends=tuple(args.mlp_backends), inductor=tuple(args.inductor),
-            norm_backends=tuple(args.norm_backends)), train_benchmark.format_train),
+            mlp_backends=tuple(args.mlp_backends), inductor=tuple(args.inductor)), train_benchmark.format_train),
     }
     run, format_result = runs[args.what]
     result = run()

@@ -7,8 +7,7 @@
 #            (TRAIN_SIZES picks the sizes, default "0 1 2")
 #            (TRAIN_MODES: torch.compile modes of our models, default "default"; TRAIN_RESIDUALS: residual-stream
 #            dtypes, default "float32", e.g. "float32 autocast"; TRAIN_MODELS: which of ours, default "dense sparse";
-#            TRAIN_MLPS: model.mlp_backend values, default "torch", e.g. "torch cublaslt"; TRAIN_NORMS:
-#            model.norm_backend values, default "torch", e.g. "torch fused"; TRAIN_INDUCTOR:
+#            TRAIN_MLPS: model.mlp_backend values, default "torch", e.g. "torch cublaslt"; TRAIN_INDUCTOR:
 #            torch._inductor.config settings, one row each, e.g. "none triton.mix_order_reduction_split_size=64";
 #            TRAIN_TIMEOUT seconds)
 # tune:      scripts/benchmark.py tune: launch settings of our Triton attention kernels, beside `auto`
@@ -16,11 +15,9 @@
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 #            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend;
-#            PROFILE_MODE: the torch.compile mode, default "default", e.g. reduce-overhead for CUDA graphs;
-#            PROFILE_NORM: model.norm_backend)
+#            PROFILE_MODE: the torch.compile mode, default "default", e.g. reduce-overhead for CUDA graphs)
 # mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
 # dgelu:     scripts/benchmark.py dgelu: the MLP's dgrad GEMM with gelu', cuBLAS + elementwise vs imagegen.dgelu_matmul
-# norm:      scripts/benchmark.py norm: the layer-norm backward with the residual gradient, Inductor vs imagegen.add_layer_norm
 # gemms:     scripts/benchmark.py gemms at GEMM_SIZES (default "0 1"): each GEMM of a training step, torch.mm against
 #            the fastest of cuBLASLt's heuristic candidates
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model;
@@ -67,12 +64,10 @@ for stage in "$@"; do
     train) timeout "${TRAIN_TIMEOUT:-3600}" python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" \
              --sizes ${TRAIN_SIZES:-0 1 2} --compile-modes ${TRAIN_MODES:-default} \
              --residual-dtypes ${TRAIN_RESIDUALS:-float32} --models ${TRAIN_MODELS:-dense sparse} \
-             --mlp-backends ${TRAIN_MLPS:-torch} --norm-backends ${TRAIN_NORMS:-torch} \
-             ${TRAIN_INDUCTOR:+--inductor $TRAIN_INDUCTOR} \
+             --mlp-backends ${TRAIN_MLPS:-torch} ${TRAIN_INDUCTOR:+--inductor $TRAIN_INDUCTOR} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
     dgelu) python scripts/benchmark.py dgelu --out "$OUT/dgelu.json" | tee "$OUT/dgelu.md" ;;
-    norm) python scripts/benchmark.py norm --out "$OUT/norm.json" | tee "$OUT/norm.md" ;;
     mlp) python scripts/benchmark.py mlp --out "$OUT/mlp.json" | tee "$OUT/mlp.md" ;;
     gemms) for size in ${GEMM_SIZES:-0 1}; do   # a step's GEMMs: torch.mm against cuBLASLt's fastest candidate
              python scripts/benchmark.py gemms --sizes "$size" --out "$OUT/gemms_$size.json" | tee "$OUT/gemms_$size.md"
@@ -82,7 +77,7 @@ for stage in "$@"; do
     profile) for size in ${PROFILE_SIZES:-0 1}; do   # where a sparse training step's kernel time goes
                python scripts/benchmark.py profile --model sparse --sizes "$size" \
                  --residual-dtypes "${PROFILE_RESIDUAL:-float32}" --mlp-backends "${PROFILE_MLP:-torch}" \
-                 --compile-modes "${PROFILE_MODE:-default}" --norm-backends "${PROFILE_NORM:-torch}" \
+                 --compile-modes "${PROFILE_MODE:-default}" \
                  --out "$OUT/profile_$size.json" \
                  2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \

@@ -130,11 +130,6 @@ def test_train_benchmark_times_each_mlp_backend_of_the_chosen_models(tmp_path):
     assert names == ["sparse", "sparse, cublaslt MLP"]
 
 
-def test_train_benchmark_times_each_norm_backend(tmp_path):
-    names, _ = quick_train_rows(tmp_path, "--models", "sparse", "--norm-backends", "torch", "fused")
-    assert names == ["sparse", "sparse, fused norms"]
-
-
 def test_train_benchmark_times_each_inductor_setting(tmp_path):
     """--inductor: one row of our model per torch._inductor.config setting ("none": Inductor's defaults)."""
     names, _ = quick_train_rows(tmp_path, "--models", "sparse", "--inductor", "none", "coordinate_descent_tuning=False")
@@ -179,7 +174,7 @@ def test_gemm_survey_lists_every_matmul_flop_of_a_step(index):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-@pytest.mark.parametrize("what", ["dgelu", "gemms", "mlp", "norm"])
+@pytest.mark.parametrize("what", ["dgelu", "gemms", "mlp"])
 def test_gpu_only_benchmarks_say_so_on_a_cpu(what):
     """The benchmarks that time CUDA kernels stop with a clear message instead of a traceback."""
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), what],

@@ -56,11 +56,10 @@ def test_option_composes_and_instantiates(group, option, tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("key,default,other,bad", [("residual_dtype", "float32", "autocast", "bf16"),
-                                                   ("mlp_backend", "torch", "fused", "triton"),
-                                                   ("norm_backend", "torch", "fused", "apex")])
+                                                   ("mlp_backend", "torch", "fused", "triton")])
 @pytest.mark.parametrize("model", options("model"))
 def test_speed_setting_reaches_the_model(model, key, default, other, bad, tiny_cfg):
-    """model.residual_dtype, mlp_backend and norm_backend are keys of every model option, passed through to the model;
+    """model.residual_dtype and model.mlp_backend are keys of every model option, passed through to the model;
     a bad value fails when the config is built."""
     cfg = tiny_cfg(f"model={model}")
     tokenizer = build_tokenizer(cfg.tokenizer)
