@@ -18,6 +18,9 @@
 #            PROFILE_MODE: the torch.compile mode, default "default", e.g. reduce-overhead for CUDA graphs)
 # mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
 # dgelu:     scripts/benchmark.py dgelu: the MLP's dgrad GEMM with gelu', cuBLAS + elementwise vs imagegen.dgelu_matmul
+# blas:      the train rows (TRAIN_* as above; default size 0, sparse, fused MLP, autocast residual, reduce-overhead)
+#            once per cuBLAS environment in BLAS_ENVS, ';'-separated (default "none;TORCH_BLAS_PREFER_CUBLASLT=1"),
+#            each in its own process with its own anchor row
 # gemms:     scripts/benchmark.py gemms at GEMM_SIZES (default "0 1"): each GEMM of a training step, torch.mm against
 #            the fastest of cuBLASLt's heuristic candidates
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model;
@@ -67,6 +70,15 @@ for stage in "$@"; do
              --mlp-backends ${TRAIN_MLPS:-torch} ${TRAIN_INDUCTOR:+--inductor $TRAIN_INDUCTOR} \
              --out "$OUT/train.json" > "$OUT/train.log" 2>&1; echo "exit $?"
            grep -v "^{" "$OUT/train.log" | tail -n 20 | tee "$OUT/train.md" ;;
+    blas) IFS=';' read -ra envs <<< "${BLAS_ENVS:-none;TORCH_BLAS_PREFER_CUBLASLT=1}"; i=0
+          for e in "${envs[@]}"; do   # one process per cuBLAS environment, each timing the anchor beside ours
+            [ "$e" = none ] && e=""
+            env $e python scripts/benchmark.py train --anchor "$ANCHORS/model_bench.py" --sizes ${TRAIN_SIZES:-0} \
+              --compile-modes ${TRAIN_MODES:-reduce-overhead} --residual-dtypes ${TRAIN_RESIDUALS:-autocast} \
+              --models ${TRAIN_MODELS:-sparse} --mlp-backends ${TRAIN_MLPS:-fused} --out "$OUT/blas_$i.json" \
+              > /tmp/blas_$i.log 2>&1; echo "environment '${e:-none}': exit $?" | tee -a "$OUT/blas.md"
+            grep "^|" /tmp/blas_$i.log | tee -a "$OUT/blas.md"; i=$((i + 1))
+          done ;;
     dgelu) python scripts/benchmark.py dgelu --out "$OUT/dgelu.json" | tee "$OUT/dgelu.md" ;;
     mlp) python scripts/benchmark.py mlp --out "$OUT/mlp.json" | tee "$OUT/mlp.md" ;;
     gemms) for size in ${GEMM_SIZES:-0 1}; do   # a step's GEMMs: torch.mm against cuBLASLt's fastest candidate
