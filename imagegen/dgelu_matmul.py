@@ -64,7 +64,11 @@ LAUNCH_CHOICES = [Launch(), Launch(fast_tanh=True), Launch(stages=2, fast_tanh=T
                   Launch(halves=2, fast_tanh=True), Launch(block_n=256, fast_tanh=True),
                   Launch(block_m=64, block_n=256, warps=4, fast_tanh=True), Launch(group_m=4, fast_tanh=True),
                   Launch(stages=2, halves=2, per_sm=2, fast_tanh=True),
-                  Launch(block_n=256, halves=2, per_sm=1, fast_tanh=True), Launch(warps=4, prefetch_h=True, fast_tanh=True)]
+                  Launch(block_n=256, halves=2, per_sm=1, fast_tanh=True), Launch(warps=4, prefetch_h=True, fast_tanh=True),
+                  # not measured yet: settings whose shared memory lets two programs share an SM, so that one's
+                  # epilogue (h in, dh out) can overlap the other's matmul
+                  Launch(block_m=64, warps=4, fast_tanh=True), Launch(block_m=64, warps=4, stages=2, fast_tanh=True),
+                  Launch(stages=2, prefetch_h=True, fast_tanh=True)]
 
 GELU_BETA = math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x/2 (1 + tanh(GELU_BETA (x + GELU_KAPPA x^3)))
 GELU_KAPPA = 0.044715
