@@ -214,11 +214,12 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor |
                          f"{b.dtype} {tuple(b.shape)}/{b.stride()}")
     (M, K), N = a.shape, b.shape[1]
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    key = (M, N, K, _transposed(a), _transposed(b), a.dtype, epilogue, a.device.index)
+    a_transposed, b_transposed = _transposed(a), _transposed(b)
+    key = (M, N, K, a_transposed, b_transposed, a.dtype, epilogue, a.device.index)
     with _lock:
         plan = _plans.get(key)
         if plan is None:
-            plan = _plans[key] = _Plan(M, N, K, key[3], key[4], a.dtype, epilogue, a.device.index or 0)
+            plan = _plans[key] = _Plan(M, N, K, a_transposed, b_transposed, a.dtype, epilogue, a.device.index or 0)
         plan.set_aux(aux)
         if plan.algo is None:
             plan.choose(lambda algo, workspace: plan(a, b, out, algo, workspace))

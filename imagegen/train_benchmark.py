@@ -263,6 +263,12 @@ KERNEL_GROUPS = (  # (group, substrings of kernel names), first match wins
 ANNOTATION = re.compile(r"^[\w.]+#[\w.]+$")
 
 
+def is_kernel(device_type: str, name: str) -> bool:
+    """Whether a profiler event is a GPU kernel (CUDA, and not one of the annotation ranges the profiler also
+    files under the GPU, such as `Optimizer.step#AdamW.step`)."""
+    return device_type == "CUDA" and not ANNOTATION.match(name)
+
+
 def kernel_group(name: str) -> str:
     low = name.lower()
     return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
@@ -300,7 +306,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
                 operators.append({"name": evt.key, "ms_per_step": launched / 1e3 / steps,
                                   "calls_per_step": evt.count / steps})
         if device == "cuda":  # GPU kernels only (operators would count their kernels twice)
-            if evt.device_type.name != "CUDA" or ANNOTATION.match(evt.key):
+            if not is_kernel(evt.device_type.name, evt.key):
                 continue
             t = self_device_us(evt)
         else:
@@ -309,7 +315,6 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
             kernels.append({"name": evt.key, "group": kernel_group(evt.key), "ms_per_step": t / 1e3 / steps,
                             "calls_per_step": evt.count / steps})
     kernels.sort(key=lambda k: -k["ms_per_step"])
-    gaps = device_gaps(prof.events(), steps) if device == "cuda" else None
     operators.sort(key=lambda k: -k["ms_per_step"])
     groups: dict[str, float] = {}
     for k in kernels:
@@ -319,7 +324,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
                                                   residual_dtype, mlp_backend),
             "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms, "host_ms_per_step": host_ms(step, device),
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
-            "operators": operators, **({"gaps": gaps} if gaps else {})}
+            "operators": operators, "gaps": device_gaps(prof.events(), steps) if device == "cuda" else {}}
 
 
 GAP_BUCKETS_US = (5, 20, 100)
@@ -330,7 +335,7 @@ def device_gaps(events, steps: int, top: int = 12) -> dict:
     the last one's end, the time some kernel ran, the idle gaps per step by length (< 5 us, 5-20, 20-100,
     >= 100 us) and the longest gaps with the kernels either side of them."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                   if e.device_type.name == "CUDA" and not ANNOTATION.match(e.name))
+                   if is_kernel(e.device_type.name, e.name))
     if not spans:
         return {}
     busy, gaps = 0.0, []
