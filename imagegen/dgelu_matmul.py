@@ -43,7 +43,8 @@ class Launch(NamedTuple):
     tile, else persistent programs walking the tiles) and warp specialization (persistent only); prefetch_h: load
     the tile of h into registers before the GEMM's K loop (one program per tile, halves 1), so the load overlaps
     the matmul; fast_tanh: gelu' through the GPU's tanh.approx.f32 (on CUDA; relative error about 2^-11, below
-    bf16's rounding) instead of exp and a division."""
+    bf16's rounding) instead of exp and a division; pingpong: imagegen.dgelu_pingpong's
+    Gluon kernel instead (two consumer warpgroups per SM taking turns; its own fixed tiles, fast tanh)."""
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
@@ -55,9 +56,12 @@ class Launch(NamedTuple):
     warp_specialize: bool = False
     prefetch_h: bool = False
     fast_tanh: bool = False
+    pingpong: bool = False
 
 
-LAUNCH = {"matmul": Launch(fast_tanh=True)}
+# The model's: the Gluon ping-pong kernel (imagegen.dgelu_pingpong) on Hopper, this module's Triton kernel on
+# other GPUs or if the first fails
+LAUNCH = {"matmul": Launch(pingpong=True, fast_tanh=True), "fallback": Launch(fast_tanh=True)}
 LAUNCH_CHOICES = [Launch(), Launch(fast_tanh=True), Launch(stages=2, fast_tanh=True),
                   Launch(stages=2, halves=2, fast_tanh=True), Launch(warps=4, fast_tanh=True),
                   Launch(warps=4, stages=2, fast_tanh=True), Launch(stages=4, fast_tanh=True),
@@ -65,10 +69,14 @@ LAUNCH_CHOICES = [Launch(), Launch(fast_tanh=True), Launch(stages=2, fast_tanh=T
                   Launch(block_m=64, block_n=256, warps=4, fast_tanh=True), Launch(group_m=4, fast_tanh=True),
                   Launch(stages=2, halves=2, per_sm=2, fast_tanh=True),
                   Launch(block_n=256, halves=2, per_sm=1, fast_tanh=True), Launch(warps=4, prefetch_h=True, fast_tanh=True),
-                  # not measured yet: settings whose shared memory lets two programs share an SM, so that one's
-                  # epilogue (h in, dh out) can overlap the other's matmul
+                  # settings with room for two or more programs per SM (measured slower, benchmarks/h200k):
                   Launch(block_m=64, warps=4, fast_tanh=True), Launch(block_m=64, warps=4, stages=2, fast_tanh=True),
-                  Launch(stages=2, prefetch_h=True, fast_tanh=True)]
+                  Launch(stages=2, prefetch_h=True, fast_tanh=True),
+                  Launch(block_m=64, block_n=64, warps=4, fast_tanh=True), Launch(block_n=64, warps=4, fast_tanh=True),
+                  Launch(block_m=64, warps=4, per_sm=2, fast_tanh=True),
+                  Launch(pingpong=True, fast_tanh=True)]
+
+RESOURCES: dict[Launch, dict] = {}  # what each launch setting compiled to (per thread, per program), once run
 
 GELU_BETA = math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x/2 (1 + tanh(GELU_BETA (x + GELU_KAPPA x^3)))
 GELU_KAPPA = 0.044715
@@ -89,18 +97,22 @@ def matmul_dgelu_runs(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> boo
 
 
 if triton is not None:
-    _BETA, _KAPPA = tl.constexpr(GELU_BETA), tl.constexpr(GELU_KAPPA)
+    _BETA, _BETA_KAPPA = tl.constexpr(GELU_BETA), tl.constexpr(GELU_BETA * GELU_KAPPA)
+    _HALF_BETA, _HALF_3_BETA_KAPPA = tl.constexpr(GELU_BETA / 2), tl.constexpr(1.5 * GELU_BETA * GELU_KAPPA)
 
     @triton.jit
     def _gelu_tanh_grad(x, FAST_TANH: tl.constexpr):
-        """d gelu_tanh(x) / dx in fp32 (aten's gelu_backward with approximate='tanh')."""
-        inner = _BETA * (x + _KAPPA * x * x * x)
+        """d gelu_tanh(x) / dx in fp32 (aten's gelu_backward with approximate='tanh'), in 9 multiplies and
+        fused multiply-adds besides the tanh: with t = tanh(x (b + b k x^2)), it is
+        (1 - t^2) * x (b/2 + 3 b k/2 x^2) + (1/2 + t/2)."""
+        x2 = x * x
+        inner = x * (_BETA + _BETA_KAPPA * x2)
         if FAST_TANH:  # one special-function instruction instead of an exp and a division
             t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=tl.float32,
                                           is_pure=True, pack=1)
         else:
             t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)  # tanh(inner), exact at both infinities
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _BETA * (1.0 + 3.0 * _KAPPA * x * x)
+        return (1.0 - t * t) * (x * (_HALF_BETA + _HALF_3_BETA_KAPPA * x2)) + (0.5 + 0.5 * t)
 
     @triton.jit
     def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -192,6 +204,13 @@ def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch |
     (M, K), N = dy.shape, w.shape[1]
     out = torch.empty_like(h)
     launch = launch or LAUNCH["matmul"]
+    if launch.pingpong:
+        from imagegen import dgelu_pingpong  # (it imports this module's constants)
+        if not dgelu_pingpong.pingpong_runs(dy):  # (not a Hopper GPU, or no Gluon)
+            return _launch(dy, w, h, LAUNCH["fallback"], dgelu)
+        out, compiled = dgelu_pingpong.matmul_dgelu_pingpong(dy, w, h, dgelu)
+        _note_resources(launch, compiled)
+        return out
     bm, bn, bk, halves, per_sm = launch.block_m, launch.block_n, launch.block_k, launch.halves, launch.per_sm
     if launch.prefetch_h and (per_sm or halves != 1):
         raise ValueError(f"prefetch_h needs one program per tile and halves 1: {launch}")
@@ -201,30 +220,46 @@ def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch |
     out_desc = TensorDescriptor.from_tensor(out, [bm, bn // halves])
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = min(per_sm * _programs(dy.device), tiles) if per_sm else tiles
-    _matmul_dgelu[(programs,)](a, b, h_desc, out_desc, h, M, N, K, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn,
-                               BLOCK_K=bk, GROUP_M=launch.group_m, HALVES=halves, PERSISTENT=per_sm > 0,
-                               WARP_SPECIALIZE=launch.warp_specialize, PREFETCH_H=launch.prefetch_h,
-                               FAST_TANH=launch.fast_tanh and dy.is_cuda, DGELU=dgelu, num_warps=launch.warps,
-                               num_stages=launch.stages)
+    compiled = _matmul_dgelu[(programs,)](
+        a, b, h_desc, out_desc, h, M, N, K, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=launch.group_m, HALVES=halves, PERSISTENT=per_sm > 0, WARP_SPECIALIZE=launch.warp_specialize,
+        PREFETCH_H=launch.prefetch_h, FAST_TANH=launch.fast_tanh and dy.is_cuda, DGELU=dgelu,
+        num_warps=launch.warps, num_stages=launch.stages)
+    _note_resources(launch, compiled)
     return out
 
 
-_failed: list[str] = []  # why the kernel would not run, once: later calls take cuBLAS's path
+def _note_resources(launch: Launch, compiled) -> None:
+    if hasattr(compiled, "n_regs"):  # (not in the interpreter)
+        RESOURCES[launch] = {"registers": compiled.n_regs, "spills": compiled.n_spills,
+                             "shared_kib": compiled.metadata.shared / 1024}
+
+
+_failed: list[str] = []  # why LAUNCH's kernels would not run, in the order tried: later calls skip them
 
 
 def _launch_or_fall_back(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The kernel with LAUNCH's setting; if it fails (e.g. a Triton without an API it uses), the same result
-    from torch.mm and aten's gelu_backward, with one warning, from then on. Operands it cannot take are the
-    caller's error (ValueError)."""
+    """LAUNCH["matmul"] (the Gluon ping-pong kernel); if it fails (e.g. a Triton whose Gluon API differs), with a
+    warning, LAUNCH["fallback"] (the Triton kernel) from then on; if that fails too, with another, the same result
+    from torch.mm and aten's gelu_backward. Operands it cannot take are the caller's error (ValueError)."""
     _check_operands(dy, w, h)
-    if not _failed:
+    for launch in (LAUNCH["matmul"], LAUNCH["fallback"])[len(_failed):]:
         try:
-            return _launch(dy, w, h)
+            return _launch(dy, w, h, launch)
         except Exception as e:  # noqa: BLE001 (a compile error of Triton's own types among them)
             _failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            warnings.warn(f"model.mlp_backend=fused: the gelu' GEMM failed ({_failed[0]}); the MLP backward uses "
-                          "torch.mm and gelu_backward instead", stacklevel=2)
+            then = "trying imagegen.dgelu_matmul's Triton kernel" if len(_failed) == 1 else \
+                "the MLP backward uses torch.mm and gelu_backward instead"
+            warnings.warn(f"model.mlp_backend=fused: the gelu' GEMM {launch_label(launch)} failed ({_failed[-1]}); "
+                          f"{then}", stacklevel=2)
     return torch.ops.aten.gelu_backward(torch.mm(dy, w), h, approximate="tanh")
+
+
+def launch_label(launch: Launch) -> str:
+    """The fields of a launch setting that differ from Launch's defaults (128 x 128 x 64 tiles, 8 warps, 3
+    stages, one program per tile)."""
+    changed = [f"{k}={v}" for k, v in launch._asdict().items() if v != Launch._field_defaults[k]]
+    return " ".join(changed) or "defaults"
 
 
 _op = torch.library.custom_op("imagegen::matmul_dgelu", _launch_or_fall_back, mutates_args=())

@@ -22,13 +22,6 @@ def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).norm() / ref.norm()).item()
 
 
-def launch_label(launch: dgelu_matmul.Launch) -> str:
-    """The fields of a launch setting that differ from Launch's defaults (128 x 128 x 64 tiles, 8 warps, 3
-    stages, one program per tile)."""
-    changed = [f"{k}={v}" for k, v in launch._asdict().items() if v != dgelu_matmul.Launch._field_defaults[k]]
-    return " ".join(changed) or "defaults"
-
-
 def bench_dgelu(quick: bool = False) -> dict:
     """For each size: (dy @ w) * gelu_tanh'(h) in bf16 at tokens x 4d x d, as cuBLAS + aten's gelu_backward
     (eager), as cuBLAS + Inductor's kernel (torch.compile), cuBLAS's GEMM alone, and the fused Triton kernel at
@@ -49,18 +42,21 @@ def bench_dgelu(quick: bool = False) -> dict:
         ways = {"cuBLAS + aten gelu_backward": functools.partial(unfused, dy, w, h),
                 "cuBLAS + Inductor gelu_backward": functools.partial(compiled, dy, w, h),
                 "cuBLAS GEMM alone": functools.partial(torch.mm, dy, w)}
+        launches = {}  # way -> its launch setting
         for launch in dgelu_matmul.LAUNCH_CHOICES[:2] if quick else dgelu_matmul.LAUNCH_CHOICES:
-            ways[f"fused, {launch_label(launch)}"] = functools.partial(dgelu_matmul.matmul_dgelu, dy, w, h,
+            launches[f"fused, {dgelu_matmul.launch_label(launch)}"] = launch
+            ways[f"fused, {dgelu_matmul.launch_label(launch)}"] = functools.partial(dgelu_matmul.matmul_dgelu, dy, w, h,
                                                                        launch=launch)
             if not (launch.prefetch_h or launch.fast_tanh):  # the same GEMM as another row's
-                ways[f"Triton GEMM alone, {launch_label(launch)}"] = functools.partial(
+                ways[f"Triton GEMM alone, {dgelu_matmul.launch_label(launch)}"] = functools.partial(
                     dgelu_matmul.matmul_dgelu, dy, w, h, launch=launch, dgelu=False)
         row = {"size": label, "M": M, "K": K, "N": N, "ways": {}}
         for name, fn in ways.items():
             try:
                 out = fn()
                 err = None if "alone" in name else _relative_error(out, ref)
-                row["ways"][name] = {"ms": graph_time_ms(fn, quick), "rel_err": err}
+                row["ways"][name] = {"ms": graph_time_ms(fn, quick), "rel_err": err,
+                                     "compiled": dgelu_matmul.RESOURCES.get(launches.get(name))}
             except Exception as e:  # noqa: BLE001 (a launch setting this card or Triton version cannot compile)
                 row["ways"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
             print(label, name, row["ways"][name], flush=True)
@@ -72,14 +68,17 @@ def bench_dgelu(quick: bool = False) -> dict:
 def format_dgelu(result: dict) -> str:
     out = [(f"The MLP's dgrad GEMM with gelu' (bf16, one call replayed from a CUDA graph; {result['device']}, "
             f"torch {result['torch']})"),
-           "| size | M x N x K | way | ms | TFLOP/s of the GEMM | rel. error vs fp32 |", "|---|---|---|---|---|---|"]
+           "| size | M x N x K | way | ms | TFLOP/s of the GEMM | rel. error vs fp32 | registers, spills, shared KiB |",
+           "|---|---|---|---|---|---|---|"]
     for r in result["dgelu"]:
         flop = 2 * r["M"] * r["N"] * r["K"]
         for name, got in r["ways"].items():
             if "error" in got:
-                out.append(f"| {r['size']} | {r['M']} x {r['N']} x {r['K']} | {name} | failed: {got['error']} | | |")
+                out.append(f"| {r['size']} | {r['M']} x {r['N']} x {r['K']} | {name} | failed: {got['error']} | | | |")
                 continue
             err = "" if got["rel_err"] is None else f"{got['rel_err']:.1e}"
+            res = got.get("compiled")
+            res = f"{res['registers']}, {res['spills']}, {res['shared_kib']:.0f}" if res else ""
             out.append(f"| {r['size']} | {r['M']} x {r['N']} x {r['K']} | {name} | {got['ms']:.4f} | "
-                       f"{flop / got['ms'] / 1e9:.0f} | {err} |")
+                       f"{flop / got['ms'] / 1e9:.0f} | {err} | {res} |")
     return "\n".join(out)

@@ -1,0 +1,217 @@
+"""The gelu' GEMM of imagegen.dgelu_matmul with its epilogue overlapped: a Gluon kernel with two consumer
+warpgroups in ping-pong (Hopper).
+
+In dgelu_matmul's Triton kernel every program runs its tile's matmul, then its epilogue (load the tile of h,
+compute gelu', store dh), and the two programs that share an SM do so in step, so the tensor cores wait while
+both run epilogues. Here each persistent program (one per SM) has three partitions (Gluon's warp specialization):
+- a loader warp issues the TMA loads of dy and w tiles into a ring of STAGES shared-memory slots, tile after
+  tile in order;
+- two consumer warpgroups take alternate tiles. Each starts the TMA load of its tile of h, waits for its turn
+  (the other consumer has waited for all the slots of the tile before; a slot's barrier tells its rounds apart
+  only by parity, so no consumer may run a round ahead), runs the wgmma K loop into its own 128 x 128 fp32
+  accumulator, hands the turn over, then multiplies by gelu'(h) and stores dh by TMA through the buffer h came in.
+So one consumer's matmul runs while the other's epilogue does: the CUTLASS "ping-pong" schedule.
+
+H200, 32768 x 2048 x 512 (`scripts/pingpong_check.py`, benchmarks/h200k): 0.145 ms against 0.170 ms for
+dgelu_matmul's Triton kernel (its GEMM alone 0.112 ms, cuBLAS's 0.117); 0.112 vs 0.129 ms at 24576 rows. Three
+stages instead of five: 0.166 ms.
+
+    dh, compiled = matmul_dgelu_pingpong(dy, w, h)      # dy (M, K), w (K, N), h (M, N) bf16/fp16 -> (M, N)
+
+Runs on CUDA GPUs of compute capability 9.x with a Triton that has Gluon's Hopper API (`pingpong_runs`; written
+for Triton 3.6, compiled for sm_90 by the CPU tests with the installed Triton). imagegen.dgelu_matmul calls it for
+Launch(pingpong=True), its LAUNCH["matmul"], and falls back to its Triton kernel where it cannot run or fails.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # no Triton, or one without Gluon's Hopper API
+    gluon = None
+
+BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M = 128, 128, 64, 5, 8
+# Registers per thread: the kernel starts at MAX_REGISTERS in 3 warpgroups, then the loader's warpgroup gives up
+# all but LOADER_REGISTERS, the second consumer takes CONSUMER_REGISTERS and the first the rest
+MAX_REGISTERS, LOADER_REGISTERS, CONSUMER_REGISTERS = 168, 40, 232
+
+
+def pingpong_runs(dy: torch.Tensor) -> bool:
+    """Whether this kernel can run here: Gluon present and a Hopper GPU (wgmma; not Blackwell's tcgen05)."""
+    return gluon is not None and dy.is_cuda and torch.cuda.get_device_capability(dy.device)[0] == 9
+
+
+if gluon is not None:
+    from imagegen.dgelu_matmul import GELU_BETA, GELU_KAPPA
+
+    _BETA, _BETA_KAPPA = gl.constexpr(GELU_BETA), gl.constexpr(GELU_BETA * GELU_KAPPA)
+    _HALF_BETA, _HALF_3_BETA_KAPPA = gl.constexpr(GELU_BETA / 2), gl.constexpr(1.5 * GELU_BETA * GELU_KAPPA)
+    # The partition's warps wait for each other (a named barrier in a warp-specialized partition); Triton 3.6
+    # calls it thread_barrier, later versions barrier
+    _partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+    @gluon.jit
+    def _gelu_tanh_grad(x):
+        """d gelu_tanh(x) / dx in fp32, tanh by tanh.approx.f32 (as dgelu_matmul's fast_tanh), the same
+        arithmetic as dgelu_matmul's."""
+        x2 = x * x
+        inner = x * (_BETA + _BETA_KAPPA * x2)
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=gl.float32,
+                                      is_pure=True, pack=1)
+        return (1.0 - t * t) * (x * (_HALF_BETA + _HALF_3_BETA_KAPPA * x2)) + (0.5 + 0.5 * t)
+
+    @gluon.jit
+    def _tile_origin(tile, tiles_m, tiles_n, BM: gl.constexpr, BN: gl.constexpr, GM: gl.constexpr):
+        """First row and column of output tile number `tile`, GM row tiles walking the columns together."""
+        group = tile // (GM * tiles_n)
+        first_m = group * GM
+        group_size = gl.minimum(tiles_m - first_m, GM)
+        pid_m = first_m + (tile % (GM * tiles_n)) % group_size
+        pid_n = (tile % (GM * tiles_n)) // group_size
+        return pid_m * BM, pid_n * BN
+
+    @gluon.jit
+    def _loader(descs, bufs, bars, M, N, K, WHICH: gl.constexpr, GM: gl.constexpr, DGELU: gl.constexpr):
+        """Fill the ring with dy and w tiles for this program's tiles, in order (WHICH unused: the workers
+        share one signature)."""
+        a_desc, b_desc, _, _ = descs
+        a_bufs, b_bufs, _ = bufs
+        ready, empty, _, _ = bars
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[1]
+        NUM_STAGES: gl.constexpr = a_bufs.type.shape[0]
+        tiles_m, tiles_n, k_tiles = gl.cdiv(M, BM), gl.cdiv(N, BN), gl.cdiv(K, BK)
+        pid, programs = gl.program_id(0), gl.num_programs(0)
+        mine = gl.cdiv(tiles_m * tiles_n - pid, programs)
+        for j in range(mine):
+            row, col = _tile_origin(pid + j * programs, tiles_m, tiles_n, BM, BN, GM)
+            for kk in range(k_tiles):
+                g = j * k_tiles + kk
+                slot = g % NUM_STAGES
+                mbarrier.wait(empty.index(slot), ((g // NUM_STAGES) & 1) ^ 1)  # (empty bars start "complete")
+                mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [row, kk * BK], ready.index(slot), a_bufs.index(slot))
+                tma.async_copy_global_to_shared(b_desc, [kk * BK, col], ready.index(slot), b_bufs.index(slot))
+
+    @gluon.jit
+    def _consumer(descs, bufs, bars, M, N, K, WHICH: gl.constexpr, GM: gl.constexpr, DGELU: gl.constexpr):
+        """Tiles WHICH, WHICH + 2, ... of this program: wgmma over the ring's slots, then dh = acc * gelu'(h)
+        (acc itself without DGELU) out through shared memory."""
+        a_desc, b_desc, h_desc, out_desc = descs
+        a_bufs, b_bufs, tile_bufs = bufs
+        ready, empty, h_bars, turns = bars
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[1]
+        NUM_STAGES: gl.constexpr = a_bufs.type.shape[0]
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BN, 16])
+        tiles_m, tiles_n, k_tiles = gl.cdiv(M, BM), gl.cdiv(N, BN), gl.cdiv(K, BK)
+        pid, programs = gl.program_id(0), gl.num_programs(0)
+        mine = gl.cdiv(tiles_m * tiles_n - pid, programs)
+        tile_buf, h_bar = tile_bufs.index(WHICH), h_bars.index(WHICH)  # h in, then dh out
+        for j in range(WHICH, mine, 2):
+            row, col = _tile_origin(pid + j * programs, tiles_m, tiles_n, BM, BN, GM)
+            if DGELU:  # the tile of h, in flight during the matmul
+                tma.store_wait(pendings=0)  # the previous tile's dh has left tile_buf ...
+                _partition_barrier()  # ... and every warp knows
+                mbarrier.expect(h_bar, h_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(h_desc, [row, col], h_bar, tile_buf)
+            # Wait for the other consumer's matmul of the tile before: a slot's barrier tells phases apart only
+            # by parity, so a consumer must not wait on slots more than one round ahead of the loader
+            if WHICH == 0:
+                mbarrier.wait(turns.index(0), ((j // 2) - 1) & 1, pred=j > 0)
+            else:
+                mbarrier.wait(turns.index(1), (j // 2) & 1)
+            acc = gl.zeros((BM, BN), gl.float32, mma_layout)
+            g = j * k_tiles
+            slot = g % NUM_STAGES
+            mbarrier.wait(ready.index(slot), (g // NUM_STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, use_acc=False, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # (returns at once: a tensor to carry)
+            for kk in range(1, k_tiles):
+                g = j * k_tiles + kk
+                slot = g % NUM_STAGES
+                mbarrier.wait(ready.index(slot), (g // NUM_STAGES) & 1)
+                acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # the previous slot's MMA is done
+                mbarrier.arrive(empty.index((g - 1) % NUM_STAGES), count=1)
+            mbarrier.arrive(turns.index(1 - WHICH), count=1)  # all slots waited for: the other consumer's turn
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((j * k_tiles + k_tiles - 1) % NUM_STAGES), count=1)
+            # Epilogue: dh = acc * gelu'(h), out through the same buffer
+            if DGELU:
+                mbarrier.wait(h_bar, (j // 2) & 1)
+                acc = acc * _gelu_tanh_grad(tile_buf.load(mma_layout).to(gl.float32))
+            else:
+                tma.store_wait(pendings=0)  # the previous tile's output has left tile_buf
+            dh = acc.to(out_desc.dtype)
+            _partition_barrier()  # every warp has read h (and knows the buffer is free)
+            tile_buf.store(dh)
+            fence_async_shared()
+            _partition_barrier()
+            tma.async_copy_shared_to_global(out_desc, [row, col], tile_buf)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _matmul_dgelu_pingpong(a_desc, b_desc, h_desc, out_desc, M, N, K, NUM_STAGES: gl.constexpr,
+                               GM: gl.constexpr, DGELU: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                               LOADER_REGS: gl.constexpr):
+        """OUT (M, N) = (A (M, K) @ B (K, N)) * gelu_tanh'(H (M, N)); persistent, one program per SM."""
+        dtype: gl.constexpr = a_desc.dtype
+        a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
+        tile_bufs = gl.allocate_shared_memory(dtype, [2] + h_desc.block_type.shape, h_desc.layout)  # per consumer
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        h_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(h_bars.index(i), count=1)
+            mbarrier.init(turns.index(i), count=1)
+        descs = (a_desc, b_desc, h_desc, out_desc)
+        bufs = (a_bufs, b_bufs, tile_bufs)
+        bars = (ready, empty, h_bars, turns)
+        gl.warp_specialize([
+            (_consumer, (descs, bufs, bars, M, N, K, 0, GM, DGELU)),
+            (_consumer, (descs, bufs, bars, M, N, K, 1, GM, DGELU)),
+            (_loader, (descs, bufs, bars, M, N, K, 0, GM, DGELU)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def matmul_dgelu_pingpong(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, dgelu: bool = True,
+                          programs: int = 0):
+    """(dy @ w) * gelu_tanh'(h) (dy @ w alone without dgelu): dy (M, K), w (K, N), h (M, N) contiguous, one
+    16-bit dtype, K a multiple of 64 and N of 8 (checked by the caller, imagegen.dgelu_matmul); `programs`
+    (default: one per SM). Returns (the output, the compiled kernel)."""
+    (M, K), N = dy.shape, w.shape[1]
+    out = torch.empty_like(h)
+    dtype = gl.bfloat16 if dy.dtype == torch.bfloat16 else gl.float16
+
+    def desc(t, block):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+    tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
+    grid = min(programs or torch.cuda.get_device_properties(dy.device).multi_processor_count, tiles)
+    compiled = _matmul_dgelu_pingpong[(grid,)](desc(dy, [BLOCK_M, BLOCK_K]), desc(w, [BLOCK_K, BLOCK_N]),
+                                               desc(h, [BLOCK_M, BLOCK_N]), desc(out, [BLOCK_M, BLOCK_N]), M, N, K,
+                                               NUM_STAGES=STAGES, GM=GROUP_M, DGELU=dgelu,
+                                               CONSUMER_REGS=CONSUMER_REGISTERS, LOADER_REGS=LOADER_REGISTERS,
+                                               num_warps=4, maxnreg=MAX_REGISTERS)
+    return out, compiled
