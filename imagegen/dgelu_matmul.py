@@ -11,7 +11,9 @@ H200, 32768 x 2048 x 512 (`scripts/benchmark.py dgelu`, benchmarks/h200i/fused_m
 against 0.216 ms for cuBLAS (0.114) plus Inductor's elementwise kernel; 0.136 vs 0.164 ms at 24576 rows,
 0.292 vs 0.322 ms at 16384 x 4096 x 1024. Persistent programs, column halves in the epilogue, h read before
 the K loop and other tiles are there as Launch settings, measured slower. An earlier pointer-based version
-(commit 798af8d, removed after) took 0.29 ms.
+(commit 798af8d, removed after) took 0.29 ms. With gelu' in 9 multiplies/FMAs: 0.170-0.172 ms
+(benchmarks/h200k). On Hopper the model calls imagegen.dgelu_pingpong's Gluon kernel instead (0.145 ms: its
+epilogue overlaps the matmul), this one where that cannot run or fails (LAUNCH).
 
     dh = matmul_dgelu(dy, proj_weight, h)      # dy (M, C), proj_weight (C, F), h (M, F) -> (M, F)
 

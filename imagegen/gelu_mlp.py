@@ -6,9 +6,11 @@ dh = dg * gelu'(h). Here:
 - forward (model.mlp_backend=cublaslt and fused): one cuBLASLt GEMM (imagegen.cublaslt, epilogue GELU_AUX)
   writes both h and gelu(h); the epilogue applies the GELU to the fp32 accumulator (the unfused path rounds h
   to bf16 first);
-- backward (fused only): dh comes from one Triton GEMM with gelu' in its epilogue (imagegen.dgelu_matmul),
-  0.180 against 0.216 ms for cuBLAS plus Inductor's elementwise kernel at 32768 x 2048 x 512 on an H200
-  (`benchmarks/h200i/fused_mlp/dgelu.md`). With cublaslt, the backward is cuBLAS and Inductor's kernel.
+- backward (fused only): dh comes from one GEMM with gelu' in its epilogue (imagegen.dgelu_matmul): on
+  Hopper a Gluon kernel whose epilogue overlaps the matmul (imagegen.dgelu_pingpong), 0.145 ms at
+  32768 x 2048 x 512 on an H200, elsewhere a Triton kernel, 0.170 ms, against 0.216 ms for cuBLAS plus
+  Inductor's elementwise kernel (`benchmarks/h200k/`, `benchmarks/h200i/fused_mlp/dgelu.md`). With
+  cublaslt, the backward is cuBLAS and Inductor's kernel.
 The other GEMMs (proj, dx = dh W1, dW1 = dh^T x, dW2 = dy^T gelu(h)) are torch.mm, and h and gelu(h) are
 kept for the backward.
 
