@@ -45,8 +45,8 @@ class Launch(NamedTuple):
     tile, else persistent programs walking the tiles) and warp specialization (persistent only); prefetch_h: load
     the tile of h into registers before the GEMM's K loop (one program per tile, halves 1), so the load overlaps
     the matmul; fast_tanh: gelu' through the GPU's tanh.approx.f32 (on CUDA; relative error about 2^-11, below
-    bf16's rounding) instead of exp and a division; pingpong: imagegen.dgelu_pingpong's
-    Gluon kernel instead (two consumer warpgroups per SM taking turns; its own fixed tiles, fast tanh)."""
+    bf16's rounding) instead of exp and a division; pingpong: imagegen.dgelu_pingpong's Gluon kernel instead
+    (two consumer warpgroups per SM taking turns; its own fixed tiles and fast tanh, the other fields unused)."""
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64

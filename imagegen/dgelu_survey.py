@@ -24,8 +24,9 @@ def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_dgelu(quick: bool = False) -> dict:
     """For each size: (dy @ w) * gelu_tanh'(h) in bf16 at tokens x 4d x d, as cuBLAS + aten's gelu_backward
-    (eager), as cuBLAS + Inductor's kernel (torch.compile), cuBLAS's GEMM alone, and the fused Triton kernel at
-    each launch setting of dgelu_matmul.LAUNCH_CHOICES."""
+    (eager), as cuBLAS + Inductor's kernel (torch.compile), cuBLAS's GEMM alone, and the fused kernel at each
+    launch setting of dgelu_matmul.LAUNCH_CHOICES (the Gluon ping-pong kernel among them), with what each
+    compiled to."""
     rows = []
     for label, V, H, W, C, _, d, heads, batch in (SIZES[:1] if quick else SIZES):
         M, K, N = batch * H * W * C, d, 4 * d
@@ -44,9 +45,9 @@ def bench_dgelu(quick: bool = False) -> dict:
                 "cuBLAS GEMM alone": functools.partial(torch.mm, dy, w)}
         launches = {}  # way -> its launch setting
         for launch in dgelu_matmul.LAUNCH_CHOICES[:2] if quick else dgelu_matmul.LAUNCH_CHOICES:
-            launches[f"fused, {dgelu_matmul.launch_label(launch)}"] = launch
-            ways[f"fused, {dgelu_matmul.launch_label(launch)}"] = functools.partial(dgelu_matmul.matmul_dgelu, dy, w, h,
-                                                                       launch=launch)
+            name = f"fused, {dgelu_matmul.launch_label(launch)}"
+            launches[name] = launch
+            ways[name] = functools.partial(dgelu_matmul.matmul_dgelu, dy, w, h, launch=launch)
             if not (launch.prefetch_h or launch.fast_tanh):  # the same GEMM as another row's
                 ways[f"Triton GEMM alone, {dgelu_matmul.launch_label(launch)}"] = functools.partial(
                     dgelu_matmul.matmul_dgelu, dy, w, h, launch=launch, dgelu=False)
