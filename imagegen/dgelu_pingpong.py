@@ -83,6 +83,12 @@ if gluon is not None:
         return pid_m * BM, pid_n * BN
 
     @gluon.jit
+    def _schedule(M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+        """(tiles_m, tiles_n, k_tiles, how many tiles this program takes): program p takes tiles p, p + P, ..."""
+        tiles_m, tiles_n, k_tiles = gl.cdiv(M, BM), gl.cdiv(N, BN), gl.cdiv(K, BK)
+        return tiles_m, tiles_n, k_tiles, gl.cdiv(tiles_m * tiles_n - gl.program_id(0), gl.num_programs(0))
+
+    @gluon.jit
     def _loader(descs, bufs, bars, M, N, K, WHICH: gl.constexpr, GM: gl.constexpr, DGELU: gl.constexpr):
         """Fill the ring with dy and w tiles for this program's tiles, in order (WHICH unused: the workers
         share one signature)."""
@@ -93,9 +99,8 @@ if gluon is not None:
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
         NUM_STAGES: gl.constexpr = a_bufs.type.shape[0]
-        tiles_m, tiles_n, k_tiles = gl.cdiv(M, BM), gl.cdiv(N, BN), gl.cdiv(K, BK)
+        tiles_m, tiles_n, k_tiles, mine = _schedule(M, N, K, BM, BN, BK)
         pid, programs = gl.program_id(0), gl.num_programs(0)
-        mine = gl.cdiv(tiles_m * tiles_n - pid, programs)
         for j in range(mine):
             row, col = _tile_origin(pid + j * programs, tiles_m, tiles_n, BM, BN, GM)
             for kk in range(k_tiles):
@@ -119,9 +124,8 @@ if gluon is not None:
         NUM_STAGES: gl.constexpr = a_bufs.type.shape[0]
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BN, 16])
-        tiles_m, tiles_n, k_tiles = gl.cdiv(M, BM), gl.cdiv(N, BN), gl.cdiv(K, BK)
+        tiles_m, tiles_n, k_tiles, mine = _schedule(M, N, K, BM, BN, BK)
         pid, programs = gl.program_id(0), gl.num_programs(0)
-        mine = gl.cdiv(tiles_m * tiles_n - pid, programs)
         tile_buf, h_bar = tile_bufs.index(WHICH), h_bars.index(WHICH)  # h in, then dh out
         for j in range(WHICH, mine, 2):
             row, col = _tile_origin(pid + j * programs, tiles_m, tiles_n, BM, BN, GM)
