@@ -39,7 +39,7 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # no Triton, or one without Gluon's Hopper API
+except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hopper API
     gluon = None
 
 BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M = 128, 128, 64, 5, 8
