@@ -203,16 +203,16 @@ def _check_operands(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
 def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch | None = None,
             dgelu: bool = True) -> torch.Tensor:
     _check_operands(dy, w, h)
-    (M, K), N = dy.shape, w.shape[1]
-    out = torch.empty_like(h)
     launch = launch or LAUNCH["matmul"]
     if launch.pingpong:
         from imagegen import dgelu_pingpong  # (it imports this module's constants)
-        if not dgelu_pingpong.pingpong_runs(dy):  # (not a Hopper GPU, or no Gluon)
-            return _launch(dy, w, h, LAUNCH["fallback"], dgelu)
-        out, compiled = dgelu_pingpong.matmul_dgelu_pingpong(dy, w, h, dgelu)
-        _note_resources(launch, compiled)
-        return out
+        if dgelu_pingpong.pingpong_runs(dy):
+            out, compiled = dgelu_pingpong.matmul_dgelu_pingpong(dy, w, h, dgelu)
+            _note_resources(launch, compiled)
+            return out
+        launch = LAUNCH["fallback"]  # not a Hopper GPU, or no Gluon
+    (M, K), N = dy.shape, w.shape[1]
+    out = torch.empty_like(h)
     bm, bn, bk, halves, per_sm = launch.block_m, launch.block_n, launch.block_k, launch.halves, launch.per_sm
     if launch.prefetch_h and (per_sm or halves != 1):
         raise ValueError(f"prefetch_h needs one program per tile and halves 1: {launch}")
@@ -232,7 +232,7 @@ def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch |
 
 
 def _note_resources(launch: Launch, compiled) -> None:
-    if hasattr(compiled, "n_regs"):  # (not in the interpreter)
+    if launch not in RESOURCES and hasattr(compiled, "n_regs"):  # (once per setting; not in the interpreter)
         RESOURCES[launch] = {"registers": compiled.n_regs, "spills": compiled.n_spills,
                              "shared_kib": compiled.metadata.shared / 1024}
 

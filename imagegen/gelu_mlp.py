@@ -81,7 +81,7 @@ def _mlp_kernels(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
 def _mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
                   h: torch.Tensor, fused_backward: bool,
                   custom_op: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx (M, C), dw1 (F, C), dw2 (C, F). fused_backward: dh = (dy @ w2) * gelu'(h) in one Triton GEMM
+    """-> dx (M, C), dw1 (F, C), dw2 (C, F). fused_backward: dh = (dy @ w2) * gelu'(h) in one GEMM
     (imagegen.dgelu_matmul) where it runs, instead of cuBLAS and an elementwise kernel; through its custom op when
     custom_op (the registered backward, which torch.compile traces)."""
     dy = dy.contiguous()

@@ -49,7 +49,7 @@ class ModelConfig:
     residual_dtype: str = "float32"
     # torch: fc, GELU, proj as separate ops (torch.compile fuses what it can); cublaslt: the forward GELU computed
     # in the fc GEMM's cuBLASLt epilogue (imagegen.gelu_mlp) where it runs (CUDA, bf16/fp16), else the torch path;
-    # fused: that, and the backward's gelu' in the epilogue of its first GEMM (a Triton kernel, imagegen.dgelu_matmul)
+    # fused: that, and the backward's gelu' in the epilogue of its first GEMM (imagegen.dgelu_matmul)
     mlp_backend: str = "torch"
 
     def __post_init__(self):

@@ -17,7 +17,7 @@ for M, K, N in [(300, 128, 200), (4096, 512, 2048), (32768, 512, 2048), (24576, 
     torch.cuda.synchronize()
     err = ((out.float() - ref).norm() / ref.norm()).item()
     ms = graph_time_ms(lambda: pp.matmul_dgelu_pingpong(dy, w, h))
-    ms_triton = graph_time_ms(lambda: dm.matmul_dgelu(dy, w, h))
+    ms_triton = graph_time_ms(lambda: dm.matmul_dgelu(dy, w, h, launch=dm.LAUNCH["fallback"]))
     alone = graph_time_ms(lambda: pp.matmul_dgelu_pingpong(dy, w, h, dgelu=False))
     print(sys.argv[1], f"{M}x{K}x{N}: rel err {err:.2e}, pingpong {ms:.4f} ms (GEMM alone {alone:.4f}), "
           f"Triton {ms_triton:.4f} ms, regs {compiled.n_regs} spills {compiled.n_spills}", flush=True)

@@ -236,7 +236,7 @@ def test_compiled_model_with_gemm_epilogue_mlp_matches_torch_mlp(backend):
     print(f"{backend} MLP, compiled: loss {loss:.4f} vs {ref_loss:.4f}")
     from imagegen import dgelu_matmul
 
-    assert not dgelu_matmul._failed  # fused: the Triton GEMM ran, no fallback
+    assert not dgelu_matmul._failed  # fused: the fused GEMM ran, no fallback
 
 
 @pytest.mark.parametrize("layout", [["dense"], ["local", "column"], ["local|column"], ["strided"]], ids=str)
