@@ -36,14 +36,19 @@ try:
 except ImportError:
     triton = None
 
-# Launch settings per kernel: (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages). `scripts/benchmark.py
-# tune` times the alternatives on the GPU. On an H200, 2 pipeline stages ran 4-7% faster than 3
+# Launch settings per kernel: (BLOCK_M queries, BLOCK_N keys, warps, pipeline stages[, registers per thread]).
+# `scripts/benchmark.py tune` times the alternatives on the GPU. Registers (Triton's maxnreg; 0 or absent: the
+# compiler's choice) trade spills for programs per SM: 4 warps of 136 registers fit 3 programs on an SM,
+# of 128 registers 4. On an H200, 2 pipeline stages ran 4-7% faster than 3
 # (benchmarks/h200c/final/tuning.md), and the GPU exactness tests pass with them (benchmarks/h200d/gpu_tests.log).
-LAUNCH = {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+# With the register limits below, N=12288 x 4 took 0.513 ms per call against 0.550 ms without, and N=4096 x 16 0.371
+# against 0.394 ms (the forward's limit and the strip setting; benchmarks/h200l/tune).
+LAUNCH = {"fwd": (64, 64, 4, 2, 128), "dkdv": (64, 64, 4, 2, 168), "dq": (64, 64, 4, 2, 128)}
 # The one-pass backward for windows of at most BLOCK keys: (BLOCK, tiles per strip, warps, pipeline stages);
 # BLOCK 0 turns it off (dq and dk/dv kernels for every window). On an H200 at N=4096 x 16, strips of 8 tiles
-# with 4 warps and 2 stages took 0.417 ms per call against 0.502 ms for the two kernels (benchmarks/h200g).
-LAUNCH["strip"] = (64, 8, 4, 2)
+# with 4 warps and 2 stages took 0.417 ms per call against 0.502 ms for the two kernels (benchmarks/h200g); since
+# the backward works on transposed tiles, strips of 16 tiles with 1 stage took 0.371 ms (benchmarks/h200l/tune).
+LAUNCH["strip"] = (64, 16, 4, 1)
 # A version for windows of up to three tiles (192 keys), keeping three key tiles, was exact but 2.5x slower than
 # the two kernels at N=12288 x 4 (1.35 vs 0.53 ms; commit 528dc66, benchmarks/h200g/strip3), and was removed.
 
@@ -153,7 +158,9 @@ if triton is not None:
     @triton.jit
     def _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, stop, N, W, sqb, sqn, sqh, sdb, sdn,
                   sdh, qk_scale, scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
-        """dk and dv of one key tile, accumulated over query tiles start, start+BLOCK_M, ... < stop."""
+        """dk and dv of one key tile, accumulated over query tiles start, start+BLOCK_M, ... < stop. It works on
+        the transposed tile (keys x queries): p^T and ds^T come out of their dots in the layout the next dots
+        take as their first operand, so nothing is transposed in registers (through shared memory)."""
         for m0 in range(start, stop, BLOCK_M):
             qs = m0 + tl.arange(0, BLOCK_M)
             q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
@@ -164,9 +171,13 @@ if triton is not None:
             else:
                 lse = tl.load(LSE + bh * N + qs)
                 delta = tl.load(DELTA + bh * N + qs)
-            p, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, MASKED)
-            dk += tl.dot(tl.trans(ds), q)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
+            if MASKED:
+                pt = tl.where(tl.trans(_band(qs, ks, N, W)), pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+            dst = (pt * (dpt - delta[None, :]) * scale).to(q.dtype)
+            dk += tl.dot(dst, q)
         return dk, dv
 
     @triton.jit
@@ -227,11 +238,14 @@ if triton is not None:
 
     @triton.jit
     def _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale, scale):
-        """One (query tile, key tile) pair of the strip backward: its share of dq, dk and dv."""
-        p, ds = _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, True)
-        dq += tl.dot(ds, k)
-        dk += tl.dot(tl.trans(ds), q)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        """One (query tile, key tile) pair of the strip backward: its share of dq, dk and dv. It works on the
+        transposed tile (keys x queries), as _dkdv_run: only ds is transposed in registers, for dq."""
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        pt = tl.where(tl.trans(_band(qs, ks, N, W)), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :]) * scale).to(q.dtype)
+        dk += tl.dot(dst, q)
+        dq += tl.dot(tl.trans(dst), k)
         return dq, dk, dv
 
     @triton.jit
@@ -293,6 +307,11 @@ if triton is not None:
         _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh)
 
 
+def _compile(warps: int, stages: int, registers: int = 0) -> dict:
+    """A LAUNCH entry's compile options: warps, pipeline stages and, where set, a register limit per thread."""
+    return dict(num_warps=warps, num_stages=stages, **({"maxnreg": registers} if registers else {}))
+
+
 def _bnh(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, token, head) strides of a (B, N, h, D) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
@@ -303,10 +322,9 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, N, H, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N)
-    bm, bn, warps, stages = LAUNCH["fwd"]
+    bm, bn, *options = LAUNCH["fwd"]
     _band_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps,
-                                           num_stages=stages)
+                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, **_compile(*options))
     return o, lse
 
 
@@ -325,21 +343,21 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
-    block, strip, warps, stages = LAUNCH["strip"]
+    block, strip, *options = LAUNCH["strip"]
     if window <= block:  # one pass (query tile i sees key tiles i-1 and i)
         _band_bwd_strip[(triton.cdiv(N, block * strip), B * H)](
             q, k, v, o, grad_out, lse, dq, dk, dv, N, window, H, strip, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-            *_bnh(grad_out), *_bnh(dq), *scales, BLOCK=block, D=D, num_warps=warps, num_stages=stages)
+            *_bnh(grad_out), *_bnh(dq), *scales, BLOCK=block, D=D, **_compile(*options))
         return
     delta = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N): rowsum(o * do)
-    bm, bn, warps, stages = LAUNCH["dq"]  # one program per query tile; writes delta first
+    bm, bn, *options = LAUNCH["dq"]  # one program per query tile; writes delta first
     _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q),
                                               *_bnh(k), *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales,
-                                              BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = LAUNCH["dkdv"]  # one program per key tile
+                                              BLOCK_M=bm, BLOCK_N=bn, D=D, **_compile(*options))
+    bm, bn, *options = LAUNCH["dkdv"]  # one program per key tile
     _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H,
                                                 *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales,
-                                                BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages)
+                                                BLOCK_M=bm, BLOCK_N=bn, D=D, **_compile(*options))
 
 
 def _forward_fake(q, k, v, window):

@@ -20,11 +20,16 @@ from imagegen import band_attention, short_attention
 from imagegen.attention import Grid
 from imagegen.benchmark import ATTENTION_SHAPES, attention_call, graph_time_ms
 
+# (the fifth field, where present: registers per thread; 168 fits 3 programs of 4 warps on an SM, 128 fits 4)
 BAND_CHOICES = [(bm, bn, warps, stages) for (bm, bn), warps, stages in
                 itertools.product([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))]
+BAND_CHOICES += [(64, 64, 4, stages, registers) for stages, registers in itertools.product((2, 3), (168, 128))]
 STRIP_CHOICES = [(64, strip, warps, stages) for strip, warps, stages in itertools.product((4, 8, 16), (4, 8), (1, 2))]
+STRIP_CHOICES += [(64, strip, 4, 2, registers) for strip, registers in itertools.product((4, 8), (168, 128))]
 FWD_WARPS = (1, 2, 4, 8)
 BWD_WARPS = (2, 4, 8)
+FWD_REGISTERS = (0, 64)  # 0: the compiler's choice
+BWD_REGISTERS = (0, 128)
 
 
 def _timed(spec: str, grid: Grid, batch: int, backend: str) -> float | str:
@@ -66,7 +71,8 @@ def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
 
 
 def tune_short(grid: Grid, batch: int, quick: bool = False) -> dict:
-    options = {"fwd_warps": FWD_WARPS, "bwd_warps": BWD_WARPS}
+    options = {"fwd_warps": FWD_WARPS, "bwd_warps": BWD_WARPS, "fwd_registers": FWD_REGISTERS,
+               "bwd_registers": BWD_REGISTERS}
     return _coordinate_descent(short_attention.LAUNCH, options, "column", grid, batch, quick)
 
 
@@ -103,8 +109,8 @@ def format_tuning(result: dict) -> str:
         out += ["", f"{r['shape']}: band kernel best {r['band']['best']}; short kernel best {r['short']['best']}"]
         for kernel, times in r["band"]["tried"].items():
             ranked = sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9)
-            fields = "(BLOCK, tiles per strip, warps, stages)" if kernel == "strip" else \
-                "(BLOCK_M, BLOCK_N, warps, stages)"
+            fields = "(BLOCK, tiles per strip, warps, stages[, registers])" if kernel == "strip" else \
+                "(BLOCK_M, BLOCK_N, warps, stages[, registers])"
             out.append(f"- band {kernel} {fields}: "
                        + ", ".join(f"{k} {_ms(v)}" for k, v in ranked[:6]))
         for key, times in r["short"]["tried"].items():

@@ -87,14 +87,14 @@ if triton is not None:
         do = _load(DO, i0, i1, i2, s, d, inside, sd0, sd1, sd2, sd3)
         lse = tl.load(LSE + pid * BLOCK_S + s)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (S,)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        causal = (s[:, None] >= s[None, :]) & inside[None, :] & inside[:, None]
-        p = tl.where(causal, tl.exp(scores - lse[:, None]), 0.0)  # (S, S) fp32
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = (p * (dp - delta[:, None]) * scale).to(q.dtype)
-        dq = tl.dot(ds, k)
-        dk = tl.dot(tl.trans(ds), q)
+        # on the transposed scores (keys x queries): p^T and ds^T come out of their dots in the layout the dots
+        # for dv and dk take as their first operand; only ds is transposed (for dq)
+        causal_t = (s[:, None] <= s[None, :]) & inside[None, :] & inside[:, None]
+        pt = tl.where(causal_t, tl.exp(tl.dot(k, tl.trans(q)) * scale - lse[None, :]), 0.0)  # (S, S) fp32
+        dv = tl.dot(pt.to(do.dtype), do)
+        dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :]) * scale).to(q.dtype)
+        dk = tl.dot(dst, q)
+        dq = tl.dot(tl.trans(dst), k)
         out = i0 * sg0 + i1 * sg2 + i2 * sg3 + s[:, None] * sg1 + d[None, :]  # dq, dk, dv: the same strides
         tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=inside[:, None])
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=inside[:, None])
@@ -105,14 +105,19 @@ def _block(seq_len: int) -> int:
     return max(16, triton.next_power_of_2(seq_len))
 
 
-# Warps per program for the forward and the backward kernel; None = 4 up to 64 tokens, else 8.
+# Warps per program for the forward and the backward kernel (None = 4 up to 64 tokens, else 8), and a limit on
+# registers per thread (Triton's maxnreg; 0 = the compiler's choice), which trades spills for programs per SM.
 # `scripts/benchmark.py tune` times the alternatives on the GPU.
-LAUNCH = {"fwd_warps": None, "bwd_warps": None}
+# On an H200 the backward's limit of 128 registers (3 -> 4 programs per SM) took 0.172 against 0.179 ms per call at
+# N=12288 x 4 and 0.215 against 0.223 ms at N=4096 x 16 (benchmarks/h200l/tune).
+LAUNCH = {"fwd_warps": None, "bwd_warps": None, "fwd_registers": 0, "bwd_registers": 128}
 
 
-def _warps(seq_len: int, kernel: str = "fwd") -> int:
-    chosen = LAUNCH[f"{kernel}_warps"]
-    return chosen if chosen is not None else (4 if seq_len <= 64 else 8)
+def _compile(seq_len: int, kernel: str = "fwd") -> dict:
+    """The kernel's compile options: warps and, where LAUNCH sets one, a register limit."""
+    chosen, registers = LAUNCH[f"{kernel}_warps"], LAUNCH[f"{kernel}_registers"]
+    warps = chosen if chosen is not None else (4 if seq_len <= 64 else 8)
+    return dict(num_warps=warps, **({"maxnreg": registers} if registers else {}))
 
 
 def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +127,7 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     lse = torch.empty(n0 * n1 * n2 * block, dtype=torch.float32, device=q.device)
     _short_fwd[(n0 * n1 * n2,)](
         q, k, v, o, lse, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *o.stride()[:4],
-        1.0 / math.sqrt(D), BLOCK_S=block, D=D, num_warps=_warps(S))
+        1.0 / math.sqrt(D), BLOCK_S=block, D=D, **_compile(S))
     return o, lse
 
 
@@ -143,7 +148,7 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     _short_bwd[(n0 * n1 * n2,)](
         q, k, v, o, grad_out, lse, dq, dk, dv, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
         *o.stride()[:4], *grad_out.stride()[:4], *dq.stride()[:4], 1.0 / math.sqrt(D),
-        BLOCK_S=_block(S), D=D, num_warps=_warps(S, "bwd"))
+        BLOCK_S=_block(S), D=D, **_compile(S, "bwd"))
 
 
 def _forward_fake(q, k, v):
