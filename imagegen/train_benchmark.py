@@ -22,6 +22,7 @@ import torch
 
 from imagegen.benchmark import kernel_ms, self_device_us, time_ms
 from imagegen.compare import with_settings
+from imagegen.inductor_sums import installed as column_sums_installed
 from imagegen.model import ImageTransformer, ModelConfig
 from imagegen.patterns import parse_layout
 
@@ -187,7 +188,8 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype, mlp_backend)
         params = model.num_params()
         flops = model_step_flops(model)
-    with inductor_config.patch(inductor_settings(inductor)):  # torch.compile compiles in the untimed first steps
+    # torch.compile compiles in the untimed first steps; the anchor compiles as stock Inductor does
+    with inductor_config.patch(inductor_settings(inductor)), column_sums_installed(kind != "anchor"):
         ms, mem, compile_s, host = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
     tokens_per_sec = batch * n / (ms / 1e3)
     peak = peak_flops()
@@ -289,8 +291,9 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     model, loss_fn = our_model(kind, size, device, compile_mode, residual_dtype=residual_dtype,
                                mlp_backend=mlp_backend)
     step = training_step(model, loss_fn, batch, H * W * C, V, device)
-    for _ in range(3):  # compile and warm up outside the trace
-        step()
+    with column_sums_installed():
+        for _ in range(3):  # compile and warm up outside the trace
+            step()
     timed_ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)  # the step as the train table times it
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:

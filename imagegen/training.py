@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from imagegen.distributed import check_launch
+from imagegen.inductor_sums import installed as column_sums_installed
 from imagegen.lit import ImageGPT
 from imagegen.loggers import RunCSVLogger, finish_wandb
 from imagegen.model import ModelConfig
@@ -208,7 +209,8 @@ def train(cfg: DictConfig) -> dict:
     rank_zero_info(f"batch: {info['batch_per_device']} images per device x {info['devices']} device(s) = "
                    f"{info['tokens_per_step']:,} tokens per optimizer step")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with column_sums_installed(compile_model):  # layer norms' final sums in one kernel each (imagegen.inductor_sums)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         wandb = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
         hint = finish_wandb(wandb[0]) if wandb else None

@@ -13,6 +13,7 @@
     python scripts/benchmark.py calls [--out calls.json]           # one attention call: eager, graph, host, kernels (GPU)
     python scripts/benchmark.py gemms [--sizes 0]                   # a step's GEMMs: torch.mm vs cuBLASLt's best (GPU)
     python scripts/benchmark.py dgelu [--out dgelu.json]           # the MLP's dgrad GEMM + gelu': cuBLAS vs fused (GPU)
+    python scripts/benchmark.py sums [--out sums.json]             # a layer norm's final sums: ATen vs ours (GPU)
     python scripts/benchmark.py {attention,sample,train} --quick    # seconds on a CPU (no timing claims)
 """
 
@@ -20,14 +21,14 @@ import argparse
 
 import torch
 
-from imagegen import benchmark, dgelu_survey, gemm_survey, kernel_tuning, train_benchmark
+from imagegen import benchmark, dgelu_survey, gemm_survey, kernel_tuning, sums_survey, train_benchmark
 from imagegen.model import MLP_BACKENDS, RESIDUAL_DTYPES
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["attention", "sample", "train", "largest", "profile", "tune", "calls",
-                                           "mlp", "gemms", "dgelu"])
+                                           "mlp", "gemms", "dgelu", "sums"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
@@ -58,7 +59,7 @@ def main():
               "tune": len(benchmark.ATTENTION_SHAPES)}
     if args.sizes and args.what in shapes and not all(0 <= i < shapes[args.what] for i in args.sizes):
         parser.error(f"--sizes for {args.what} are 0 to {shapes[args.what] - 1}, got {args.sizes}")
-    if args.what in ("largest", "tune", "calls", "mlp", "gemms", "dgelu") and not torch.cuda.is_available():
+    if args.what in ("largest", "tune", "calls", "mlp", "gemms", "dgelu", "sums") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
     first_size = (args.sizes or [0])[0]
     runs = {  # what -> (run it, format its result)
@@ -71,6 +72,7 @@ def main():
             mlp_backend=args.mlp_backends[0], compile_mode=args.compile_modes[0]), train_benchmark.format_profile),
         "gemms": (lambda: gemm_survey.bench_gemms(first_size), gemm_survey.format_gemms),
         "dgelu": (dgelu_survey.bench_dgelu, dgelu_survey.format_dgelu),
+        "sums": (sums_survey.bench_sums, sums_survey.format_sums),
         "mlp": (lambda: train_benchmark.bench_mlp(quick=args.quick), train_benchmark.format_mlp),
         "largest": (train_benchmark.bench_largest, train_benchmark.format_largest),
         "train": (lambda: train_benchmark.bench_train(

@@ -18,6 +18,7 @@
 #            PROFILE_MODE: the torch.compile mode, default "default", e.g. reduce-overhead for CUDA graphs)
 # mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
 # dgelu:     scripts/benchmark.py dgelu: the MLP's dgrad GEMM with gelu', cuBLAS + elementwise vs imagegen.dgelu_matmul
+# sums:      scripts/benchmark.py sums: a layer norm's final column sums, ATen vs imagegen.inductor_sums
 # blas:      the train rows (TRAIN_* as above; default size 0, sparse, fused MLP, autocast residual, reduce-overhead)
 #            once per cuBLAS environment in BLAS_ENVS, ';'-separated (default "none;TORCH_BLAS_PREFER_CUBLASLT=1"),
 #            each in its own process with its own anchor row
@@ -80,6 +81,7 @@ for stage in "$@"; do
             grep "^|" /tmp/blas_$i.log | tee -a "$OUT/blas.md"; i=$((i + 1))
           done ;;
     dgelu) python scripts/benchmark.py dgelu --out "$OUT/dgelu.json" | tee "$OUT/dgelu.md" ;;
+    sums) python scripts/benchmark.py sums --out "$OUT/sums.json" | tee "$OUT/sums.md" ;;
     mlp) python scripts/benchmark.py mlp --out "$OUT/mlp.json" | tee "$OUT/mlp.md" ;;
     gemms) for size in ${GEMM_SIZES:-0 1}; do   # a step's GEMMs: torch.mm against cuBLASLt's fastest candidate
              python scripts/benchmark.py gemms --sizes "$size" --out "$OUT/gemms_$size.json" | tee "$OUT/gemms_$size.md"

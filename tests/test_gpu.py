@@ -99,9 +99,10 @@ def test_compiled_model_trains_in_bf16(width, channels, backend):
 
 
 def compiled_variant_matches_reference(option: dict, compile_reference: bool) -> tuple[float, float]:
-    """A small sparse model with `option` (a ModelConfig field), compiled, under bf16 autocast, against the
-    same weights with the defaults (compiled or eager): loss within 2e-2 and every gradient within 5%
+    """A small sparse model with `option` (a ModelConfig field), compiled as training compiles it, under bf16
+    autocast, against the same weights with the defaults (compiled or eager, stock Inductor): loss within 2e-2 and every gradient within 5%
     (relative norm). -> (loss, reference loss)."""
+    from imagegen.inductor_sums import installed as column_sums_installed
     from imagegen.model import ImageTransformer, ModelConfig
 
     torch.manual_seed(0)
@@ -112,8 +113,11 @@ def compiled_variant_matches_reference(option: dict, compile_reference: bool) ->
     tokens = torch.randint(0, 64, (4, model.grid.num_tokens), device="cuda")
     with torch.autocast("cuda", torch.bfloat16):
         ref_loss = (torch.compile(reference.loss) if compile_reference else reference.loss)(tokens)
-        loss = torch.compile(model.loss)(tokens)
-    ref_loss.backward(), loss.backward()
+    ref_loss.backward()
+    with column_sums_installed():  # the variant compiles as training compiles it (imagegen.inductor_sums)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = torch.compile(model.loss)(tokens)
+        loss.backward()
     assert abs(loss.item() - ref_loss.item()) < 2e-2
     for (name, p), r in zip(model.named_parameters(), reference.parameters()):
         err = ((p.grad - r.grad).norm() / r.grad.norm()).item()
@@ -305,3 +309,43 @@ def test_bf16_cuda_graph_sampling_equals_eager_bf16():
     assert ((graphs - eager).norm() / eager.norm()).item() < 1e-2
     sampled = Sampler(model, 8).generate(top_k=8, seed=3)
     assert sampled.shape == (8, 256) and 0 <= sampled.min() and sampled.max() < 64
+
+
+def test_compiled_layer_norm_backward_sums_through_column_sum():
+    """imagegen.inductor_sums on the real compiler: a compiled layer norm's backward (Inductor's mix-order
+    reduction) calls imagegen_column_sum for its dgamma and dbeta sums, and its gradients equal the stock
+    compiled ones and eager fp32's."""
+    import torch._functorch.config
+    import torch._inductor.config
+    from torch._inductor.utils import run_and_get_code
+
+    from imagegen.inductor_sums import installed
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(512).cuda()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    # Inductor fuses the two reductions from 5 Mi elements on (smaller ones stay in L2)
+    x = torch.randn(16384, 512, device="cuda")
+    g = torch.randn(16384, 512, device="cuda")
+
+    def grads(fn):
+        norm.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        fn(xr).backward(g)
+        return [t.clone() for t in (xr.grad, norm.weight.grad, norm.bias.grad)]
+
+    runs = {}
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        for patched in (False, True):
+            torch._dynamo.reset()
+            with installed(patched):
+                runs[patched] = run_and_get_code(grads, torch.compile(norm))
+    stock_code, our_code = "\n".join(runs[False][1]), "\n".join(runs[True][1])
+    if ".sum(dim=0)" not in stock_code:
+        pytest.skip("this torch's Inductor sums no workspace in its wrapper (no mix-order reduction)")
+    assert our_code.count("imagegen_column_sum(") >= 2 and ".sum(dim=0)" not in our_code
+    ref = grads(norm)
+    for name, a, b, c in zip(("dx", "dweight", "dbias"), runs[True][0], runs[False][0], ref):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5, name
+        assert ((a - c).norm() / c.norm()).item() < 1e-4, name

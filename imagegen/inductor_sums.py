@@ -1,0 +1,126 @@
+"""The last sums of Inductor's mix-order reductions (a layer norm's backward) in one Triton kernel each.
+
+Inductor compiles a layer norm's backward (dx, and dgamma, dbeta summed over every token) into one kernel that
+writes partial sums of dgamma and dbeta, one row per split of the tokens, into a workspace; the wrapper then sums
+each slice with an eager ATen call (torch._inductor.codegen.simd, "mix order reduction"):
+
+    buf8 = workspace_0[0 * 2048 * 512 : (0 + 1) * 2048 * 512].view(2048, 512).sum(dim=0)
+
+That column reduction takes about 8 us for 2048 x 512 on an H200 and clears a buffer first (a memset), so a
+12-layer step runs 50 of them and 50 memsets, 0.41-0.48 ms of kernels plus 100 launches (benchmarks/h200j). While
+`installed`, the wrapper calls `column_sum` instead, one Triton kernel that reads the slice once:
+
+    buf8 = imagegen_column_sum(workspace_0[0 * 2048 * 512 : (0 + 1) * 2048 * 512].view(2048, 512))
+
+Only these lines change, and only in Python wrappers (not cpp_wrapper); the sums are the same up to fp32 rounding
+order. On an H200 (`scripts/benchmark.py sums`, 50 calls replayed from one CUDA graph, benchmarks/h200l/sums) a
+2048 x 512 sum took 3.4 us against ATen's 8.7 us, 1536 x 512 3.2 against 8.2 us; the sparse training steps,
+each in its own process beside its anchor, 18.25 against 18.45 ms (4096 x 8) and 14.69 against 14.92 ms
+(12288 x 2). The compiled code lands in Inductor's on-disk caches like any other, so code compiled with and without
+this is told apart only by a fresh cache (TORCHINDUCTOR_CACHE_DIR) when timing one against the other.
+
+    with installed():                # around the first calls of a torch.compile'd function (when it compiles)
+        loss = compiled_loss(tokens)
+        loss.backward()
+
+imagegen.lit installs it for compiled training and benchmark.py train around our models (not the anchor's);
+IMAGEGEN_INDUCTOR_SUMS=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+ENV = "IMAGEGEN_INDUCTOR_SUMS"
+# "<buffer> = <workspace slice>.view(<splits>, <columns>).sum(dim=0)<.view(shape)><.to(dtype)>"
+_FINAL_SUM = re.compile(r"^(?P<buffer>\w+) = (?P<partials>workspace\w*\[.*\]\.view\(.*\))\.sum\(dim=0\)(?P<rest>.*)$")
+_IMPORT = "from imagegen.inductor_sums import column_sum as imagegen_column_sum"
+BLOCK_S, BLOCK_R, WARPS = 1024, 8, 8  # rows per step (the loads in flight), columns per program
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _column_sum(X, OUT, S, R, stride, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+        """OUT[c] = sum over s of X[s, c] for BLOCK_R columns: a (BLOCK_S, BLOCK_R) fp32 tile accumulated down
+        the rows, reduced once at the end."""
+        cols = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_S, BLOCK_R), tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            rows = s0 + tl.arange(0, BLOCK_S)
+            acc += tl.load(X + rows[:, None] * stride + cols[None, :], mask=(rows < S)[:, None] & (cols < R)[None, :],
+                           other=0.0).to(tl.float32)
+        tl.store(OUT + cols, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=cols < R)
+
+
+def column_sum(x: torch.Tensor, block_s: int = 0, block_r: int = 0, warps: int = 0) -> torch.Tensor:
+    """x (S, R) with unit column stride -> x.sum(dim=0), by the Triton kernel where it runs (CUDA, Triton), else
+    by torch. block_s, block_r, warps: launch settings (0: BLOCK_S, BLOCK_R, WARPS)."""
+    if triton is None or not x.is_cuda or x.dim() != 2 or x.stride(1) != 1:
+        return x.sum(dim=0)
+    S, R = x.shape
+    out = torch.empty(R, dtype=x.dtype, device=x.device)
+    block_r = block_r or BLOCK_R
+    _column_sum[(triton.cdiv(R, block_r),)](x, out, S, R, x.stride(0), BLOCK_S=block_s or BLOCK_S, BLOCK_R=block_r,
+                                            num_warps=warps or WARPS)
+    return out
+
+
+def rewrite(line: str) -> str | None:
+    """The wrapper line calling imagegen_column_sum for one of Inductor's final workspace sums, or None when
+    `line` is not one."""
+    match = _FINAL_SUM.match(line)
+    if match is None:
+        return None
+    return f"{match['buffer']} = imagegen_column_sum({match['partials']}){match['rest']}"
+
+
+def _wrapper_class():
+    from torch._inductor.codegen import wrapper
+    return getattr(wrapper, "PythonWrapperCodegen", None) or getattr(wrapper, "WrapperCodeGen", None)
+
+
+@contextlib.contextmanager
+def installed(active: bool = True):
+    """While active (and IMAGEGEN_INDUCTOR_SUMS is not 0), Inductor's Python wrappers write the final sums of
+    mix-order reductions as imagegen_column_sum calls (each after its import line)."""
+    cls = _wrapper_class() if active and enabled() else None
+    if cls is None:
+        yield
+        return
+    original = cls.writeline
+
+    def writeline(self, line):
+        new = rewrite(line) if isinstance(line, str) and not _cpp_wrapper() else None
+        if new is None:
+            return original(self, line)
+        original(self, _IMPORT)  # where the line runs (a module already imported: a lookup)
+        return original(self, new)
+
+    cls.writeline = writeline
+    try:
+        yield
+    finally:
+        cls.writeline = original
+
+
+def _cpp_wrapper() -> bool:
+    from torch._inductor.virtualized import V
+    try:
+        return bool(V.graph.cpp_wrapper)
+    except (AttributeError, AssertionError):  # no graph being lowered
+        return False
