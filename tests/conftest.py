@@ -1,5 +1,8 @@
 """Shared fixtures: Hydra configs composed in-process with outputs redirected to tmp_path."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,15 @@ TINY = [o for opts in OPTION_SPECIFIC.values() for o in opts] + [
     "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0",
     "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", "compile=false",
 ]
+
+
+def run_python(code: str, **env: str) -> str:
+    """Runs `code` in a fresh Python process with `env` added to the environment (e.g. TRITON_INTERPRET="1",
+    which Triton reads when it is imported); asserts that it exits 0 and returns what it printed."""
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def compose_cfg(overrides, run_dir):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import run_python
 
 from imagegen.attention import BACKENDS, Grid, attend, check_layout, supports
 from imagegen.patterns import LayerSpec, PatternParams
@@ -210,15 +211,7 @@ def test_triton_kernels_equal_reference_in_the_interpreter():
     Triton's CPU interpreter in fp32, equal the reference on odd grids, C = 3, rows = 2 and strided inputs, and
     their custom ops pass torch.library.opcheck. On the GPU: test_gpu.py."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "max rel err" in done.stdout
+    assert "max rel err" in run_python(INTERPRETED_CHECK, TRITON_INTERPRET="1")
 
 
 HOPPER_COMPILE = r"""
@@ -259,12 +252,4 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
     """The interpreter runs kernels as Python, so code that real Triton rejects (e.g. starred arguments in a
     jit call) passes there; compiling each kernel for sm_90 to a cubin, which needs no GPU, catches it."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled for sm_90") == 6
+    assert run_python(HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path)).count("compiled for sm_90") == 6

@@ -6,6 +6,7 @@ fallbacks. The GEMMs in bf16: tests/test_gpu.py."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_python
 
 from imagegen import cublaslt
 from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
@@ -149,14 +150,7 @@ def test_matmul_dgelu_kernel_equals_gelu_backward_in_the_interpreter():
     """imagegen.dgelu_matmul's Triton kernel, run by Triton's CPU interpreter in fp32: (dy @ w) * gelu_tanh'(h)
     equals aten's gelu_backward of the GEMM, on sizes that are no multiple of its tiles. In bf16: test_gpu.py."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", DGELU_INTERPRETED], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "max rel err" in done.stdout
+    assert "max rel err" in run_python(DGELU_INTERPRETED, TRITON_INTERPRET="1")
 
 
 PINGPONG_COMPILE = r"""
@@ -190,13 +184,8 @@ def test_pingpong_kernel_compiles_for_hopper(tmp_path):
     API moved fails here, not on the GPU), with its warp-specialized partitions and within the 227 KiB of shared
     memory an H100/H200 program may have. Its results: test_gpu.py."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    import os
     import re
-    import subprocess
-    import sys
 
-    done = subprocess.run([sys.executable, "-c", PINGPONG_COMPILE], env={**os.environ, "TRITON_CACHE_DIR": str(tmp_path)},
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shared, wgmma, setmaxnreg = map(int, re.search(r"shared (\d+) wgmma (\d+) setmaxnreg (\d+)", done.stdout).groups())
-    assert shared <= 227 * 1024 and wgmma > 0 and setmaxnreg > 0, done.stdout
+    out = run_python(PINGPONG_COMPILE, TRITON_CACHE_DIR=str(tmp_path))
+    shared, wgmma, setmaxnreg = map(int, re.search(r"shared (\d+) wgmma (\d+) setmaxnreg (\d+)", out).groups())
+    assert shared <= 227 * 1024 and wgmma > 0 and setmaxnreg > 0, out

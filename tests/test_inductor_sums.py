@@ -2,12 +2,10 @@
 rewrite of the wrapper lines, its install and removal, the kernel in Triton's interpreter and compiled for sm_90.
 The compiled layer norm on a GPU: test_gpu.py."""
 
-import os
-import subprocess
-import sys
 import types
 
 import pytest
+from conftest import run_python
 
 from imagegen import inductor_sums
 
@@ -74,10 +72,7 @@ print("interpreted ok")
 
 def test_column_sum_kernel_equals_torch_sum_in_the_interpreter():
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "interpreted ok" in done.stdout
+    assert "interpreted ok" in run_python(INTERPRETED, TRITON_INTERPRET="1")
 
 
 HOPPER_COMPILE = r"""
@@ -97,7 +92,4 @@ print("compiled for sm_90")
 
 def test_column_sum_kernel_compiles_for_hopper(tmp_path):
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env={**os.environ, "TRITON_CACHE_DIR": str(tmp_path)},
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled for sm_90" in done.stdout
+    assert "compiled for sm_90" in run_python(HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path))
