@@ -202,7 +202,7 @@ def _check_operands(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
 
 def _launch(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, launch: Launch | None = None,
             dgelu: bool = True) -> torch.Tensor:
-    _check_operands(dy, w, h)
+    """The kernel of `launch` on operands its callers have checked (_check_operands)."""
     launch = launch or LAUNCH["matmul"]
     if launch.pingpong:
         from imagegen import dgelu_pingpong  # (it imports this module's constants)
@@ -281,4 +281,7 @@ def matmul_dgelu(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, custom_op: 
     launch that exactly, without the fallback."""
     if custom_op:
         return _op(dy, w, h)
-    return _launch(dy, w, h, launch, dgelu) if launch or not dgelu else _launch_or_fall_back(dy, w, h)
+    if launch or not dgelu:
+        _check_operands(dy, w, h)
+        return _launch(dy, w, h, launch, dgelu)
+    return _launch_or_fall_back(dy, w, h)

@@ -105,8 +105,8 @@ def installed(active: bool = True):
     original = cls.writeline
 
     def writeline(self, line):
-        new = rewrite(line) if isinstance(line, str) and not _cpp_wrapper() else None
-        if new is None:
+        new = rewrite(line) if isinstance(line, str) else None
+        if new is None or _cpp_wrapper():  # (the graph's wrapper mode, looked up for the rare matching line)
             return original(self, line)
         original(self, _IMPORT)  # where the line runs (a module already imported: a lookup)
         return original(self, new)
