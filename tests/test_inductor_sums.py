@@ -9,22 +9,47 @@ from conftest import run_python
 
 from imagegen import inductor_sums
 
-# the line as torch 2.11 writes it, and as later versions do (parenthesised sizes, a view and a cast after)
-LINES = {
-    "buf8 = workspace_0[0 * 2048 * 512 : (0 + 1) * 2048 * 512].view(2048, 512).sum(dim=0)":
-        "buf8 = imagegen_column_sum(workspace_0[0 * 2048 * 512 : (0 + 1) * 2048 * 512].view(2048, 512))",
-    "buf10 = workspace_1[1 * (1536) * (512) : (1 + 1) * (1536) * (512)].view(1536, 512).sum(dim=0).view([512])"
-    ".to(torch.bfloat16)":
-        "buf10 = imagegen_column_sum(workspace_1[1 * (1536) * (512) : (1 + 1) * (1536) * (512)].view(1536, 512))"
-        ".view([512]).to(torch.bfloat16)",
+# a layer norm's two sums as torch 2.11 writes them, and as later versions do (parenthesised sizes, a view and a cast
+# after): one launch for both, the second line reads its sum
+GROUPS = [
+    (["buf8 = workspace_0[0 * 2048 * 512 : (0 + 1) * 2048 * 512].view(2048, 512).sum(dim=0)",
+      "buf9 = workspace_0[1 * 2048 * 512 : (1 + 1) * 2048 * 512].view(2048, 512).sum(dim=0)"],
+     ["_imagegen_sums = imagegen_column_sums(workspace_0, 2048, 512)", "buf8 = _imagegen_sums[0]",
+      "buf9 = _imagegen_sums[1]"]),
+    ([("buf10 = workspace_1[0 * (1536) * (512) : (0 + 1) * (1536) * (512)].view(1536, 512).sum(dim=0).view([512])"
+       ".to(torch.bfloat16)"),
+      ("buf11 = workspace_1[1 * (1536) * (512) : (1 + 1) * (1536) * (512)].view(1536, 512).sum(dim=0).view([512])"
+       ".to(torch.bfloat16)")],
+     ["_imagegen_sums = imagegen_column_sums(workspace_1, 1536, 512)",
+      "buf10 = _imagegen_sums[0].view([512]).to(torch.bfloat16)", "buf11 = _imagegen_sums[1].view([512]).to(torch.bfloat16)"]),
+]
+# sizes that are not integers (dynamic shapes), and a later slice whose first was not seen: one sum each
+SINGLE = {
+    "buf3 = workspace_0[0 * s0 * 512 : (0 + 1) * s0 * 512].view(s0, 512).sum(dim=0)":
+        "buf3 = imagegen_column_sum(workspace_0[0 * s0 * 512 : (0 + 1) * s0 * 512].view(s0, 512))",
+    "buf4 = workspace_2[1 * 64 * 8 : (1 + 1) * 64 * 8].view(64, 8).sum(dim=0)":
+        "buf4 = imagegen_column_sum(workspace_2[1 * 64 * 8 : (1 + 1) * 64 * 8].view(64, 8))",
 }
 UNTOUCHED = ["buf3 = workspace_0[0 * 64 * 8 : (0 + 1) * 64 * 8].view(64, 8).amax(dim=0)",  # another reduction
              "buf5 = buf4.sum(dim=0)", "del workspace_0"]
 
 
-def test_rewrite_turns_only_final_workspace_sums_into_column_sum_calls():
-    for line, expected in LINES.items():
-        assert inductor_sums.rewrite(line) == expected
+def _rewritten(lines: list[str]) -> list[str]:
+    out, group = [], None
+    for line in lines:
+        new, group = inductor_sums.rewrite(line, group) or ([line], group)
+        out += new
+    return out
+
+
+def test_rewrite_turns_a_workspaces_final_sums_into_one_column_sums_call():
+    for lines, expected in GROUPS:
+        assert _rewritten(lines) == expected
+    assert _rewritten(GROUPS[0][0] + GROUPS[1][0]) == GROUPS[0][1] + GROUPS[1][1]
+    for line, expected in SINGLE.items():
+        assert _rewritten([line]) == [expected]
+    # a later slice of another workspace than the last group's: its own sum
+    assert _rewritten([GROUPS[0][0][0], GROUPS[1][0][1]])[-1].startswith("buf11 = imagegen_column_sum(workspace_1[")
     for line in UNTOUCHED:
         assert inductor_sums.rewrite(line) is None
 
@@ -33,39 +58,46 @@ def test_installed_rewrites_wrapper_lines_and_restores_the_wrapper(monkeypatch):
     pytest.importorskip("torch._inductor.codegen.wrapper")
     cls = inductor_sums._wrapper_class()
     original = cls.writeline
-    line = next(iter(LINES))
+    lines, expected = GROUPS[0]
     wrapper = types.SimpleNamespace(lines=[])  # what PythonWrapperCodegen.writeline appends to
     with inductor_sums.installed():
-        cls.writeline(wrapper, line)
+        for line in lines:
+            cls.writeline(wrapper, line)
         cls.writeline(wrapper, UNTOUCHED[1])
     assert cls.writeline is original
-    assert wrapper.lines == [inductor_sums._IMPORT, LINES[line], UNTOUCHED[1]]
+    imports = [inductor_sums._IMPORT]
+    assert wrapper.lines == imports + expected[:2] + imports + expected[2:] + [UNTOUCHED[1]]
     wrapper.lines.clear()
     with inductor_sums.installed(active=False):
-        cls.writeline(wrapper, line)
+        cls.writeline(wrapper, lines[0])
     monkeypatch.setenv(inductor_sums.ENV, "0")
     with inductor_sums.installed():
-        cls.writeline(wrapper, line)
-    assert wrapper.lines == [line, line]
+        cls.writeline(wrapper, lines[0])
+    assert wrapper.lines == [lines[0], lines[0]]
     assert cls.writeline is original
 
 
 INTERPRETED = r"""
 import torch
-from imagegen.inductor_sums import column_sum, _column_sum
+from imagegen.inductor_sums import column_sum, column_sums, _column_sums
 torch.manual_seed(0)
-for S, R in ((1, 1), (37, 50), (300, 16), (129, 33)):
-    x = torch.randn(S, R)
+for n, S, R in ((1, 1, 1), (2, 37, 50), (4, 300, 16), (3, 129, 33)):
+    ws = torch.randn(n * S * R + 5)  # n slices end to end, and a tail that is no whole slice
     for block_s, block_r in ((128, 16), (16, 8)):
-        out = torch.empty(R)
-        _column_sum[(-(-R // block_r),)](x, out, S, R, x.stride(0), BLOCK_S=block_s, BLOCK_R=block_r)
-        err = ((out - x.sum(0)).abs().max() / x.abs().sum(0).max()).item()
-        assert err < 1e-6, (S, R, block_s, block_r, err)
+        outs = [torch.empty(R) for _ in range(n)]
+        _column_sums[(-(-R // block_r), n)](ws, *(outs + outs[:1] * (4 - n)), S, R, R, S * R, BLOCK_S=block_s,
+                                           BLOCK_R=block_r)
+        for k, out in enumerate(outs):
+            ref = ws[k * S * R:(k + 1) * S * R].view(S, R).sum(0)
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-6, (n, S, R, k, block_s, block_r, err)
 x = torch.randn(40, 24)[:, 4:20]  # a strided view of a wider tensor: column stride 1, row stride 24
-out = torch.empty(16)
-_column_sum[(1,)](x, out, 40, 16, x.stride(0), BLOCK_S=16, BLOCK_R=16)
-assert torch.allclose(out, x.sum(0), atol=1e-5)
-assert torch.equal(column_sum(x), x.sum(0))  # CPU tensors: torch's sum
+outs = [torch.empty(16)]
+_column_sums[(1, 1)](x, *(outs * 4), 40, 16, x.stride(0), 0, BLOCK_S=16, BLOCK_R=16)
+assert torch.allclose(outs[0], x.sum(0), atol=1e-5)
+assert torch.equal(column_sum(x), x.sum(0))  # CPU tensors: torch's sums
+ws = torch.randn(6 * 7 * 5)
+assert all(torch.equal(a, ws.view(6, 7, 5)[k].sum(0)) for k, a in enumerate(column_sums(ws, 7, 5)))
 print("interpreted ok")
 """
 
@@ -80,9 +112,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from imagegen import inductor_sums as s
-signature = {"X": "*fp32", "OUT": "*fp32", "S": "i32", "R": "i32", "stride": "i32", "BLOCK_S": "constexpr",
-             "BLOCK_R": "constexpr"}
-compiled = triton.compile(ASTSource(fn=s._column_sum, signature=signature,
+signature = {"X": "*fp32", "OUT0": "*fp32", "OUT1": "*fp32", "OUT2": "*fp32", "OUT3": "*fp32", "S": "i32", "R": "i32",
+             "stride": "i32", "slice_stride": "i32", "BLOCK_S": "constexpr", "BLOCK_R": "constexpr"}
+compiled = triton.compile(ASTSource(fn=s._column_sums, signature=signature,
                                     constexprs={"BLOCK_S": s.BLOCK_S, "BLOCK_R": s.BLOCK_R}),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": s.WARPS})
 assert "cubin" in compiled.asm
