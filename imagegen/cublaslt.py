@@ -5,7 +5,8 @@ PyTorch's GEMMs are cuBLAS(Lt) calls, but none of its operators keeps the GELU's
 GEMM's fp32 accumulator:
 
     out, pre = matmul_gelu(a, b)         # pre = a @ b, out = gelu_tanh(pre); a (M, K), b (K, N) -> (M, N)
-    out = matmul(a, b)                   # the same GEMM without an epilogue (for comparisons)
+    out = matmul(a, b)                   # the same GEMM without an epilogue
+    out = matmul_add(a, b, c)            # c + a @ b: c (M, N) read in the epilogue (a residual stream's add)
 
 `runs(a, b)` says whether a call qualifies: CUDA tensors in bf16 or fp16, each contiguous (row-major) or the
 transpose of a contiguous matrix (a Linear weight's .t(), a gradient's .t()), the contiguous rows 16-byte
@@ -117,7 +118,7 @@ class _Plan:
     if a is contiguous, op T if a is the transpose of a contiguous (K, M) matrix)."""
 
     def __init__(self, M: int, N: int, K: int, a_transposed: bool, b_transposed: bool, dtype: torch.dtype,
-                 epilogue: int, device: int):
+                 epilogue: int, device: int, accumulate: bool = False):
         lib, data_type = _library(), _DATA_TYPES[dtype]
         self.lib, self.handle, self.epilogue = lib, _handle(device), epilogue
         self.desc = ctypes.c_void_p()
@@ -136,7 +137,7 @@ class _Plan:
         self.a_layout = layout(K, N, K) if b_transposed else layout(N, K, N)  # cuBLAS's A: our b
         self.b_layout = layout(M, K, M) if a_transposed else layout(K, M, K)  # cuBLAS's B: our a
         self.out_layout = layout(N, M, N)
-        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(1.0 if accumulate else 0.0)  # out = a b + beta c
         self.algo, self.candidates, self.workspaces, self.timings_ms = None, [], [], []
         self.workspace = 0  # bytes the chosen algorithm needs
 
@@ -176,13 +177,15 @@ class _Plan:
         self.algo, self.workspace = self.candidates[best], self.workspaces[best]
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, algo: _Algo | None = None,
-                 workspace: int | None = None) -> None:
+                 workspace: int | None = None, c: torch.Tensor | None = None) -> None:
+        """out = a @ b (+ c, for a plan that accumulates; c laid out as out)."""
         stream = ctypes.c_void_p(torch.cuda.current_stream(a.device).cuda_stream)
         size = self.workspace if algo is None else workspace
         space = torch.empty(size, dtype=torch.uint8, device=a.device) if size else None
         _check(self.lib.cublasLtMatmul(self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(b.data_ptr()),
                                        self.a_layout, ctypes.c_void_p(a.data_ptr()), self.b_layout,
-                                       ctypes.byref(self.beta), ctypes.c_void_p(out.data_ptr()), self.out_layout,
+                                       ctypes.byref(self.beta), ctypes.c_void_p((out if c is None else c).data_ptr()),
+                                       self.out_layout,
                                        ctypes.c_void_p(out.data_ptr()), self.out_layout,
                                        ctypes.byref(algo if algo is not None else self.algo),
                                        ctypes.c_void_p(space.data_ptr()) if size else None, size, stream), "matmul")
@@ -207,29 +210,40 @@ def runs(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (None not in layouts and all(t.shape[0 if transposed else 1] % 8 == 0 for t, transposed in zip((a, b), layouts)))
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None) -> torch.Tensor:
+def _matmul(a: torch.Tensor, b: torch.Tensor, epilogue: int, aux: torch.Tensor | None,
+            c: torch.Tensor | None = None) -> torch.Tensor:
     if not runs(a, b):
         raise ValueError("cuBLASLt matmul needs CUDA bf16/fp16 operands a (M, K) and b (K, N), each contiguous "
                          f"or transposed, rows a multiple of 8 long, 256-byte aligned; got {a.dtype} {tuple(a.shape)}/{a.stride()} and "
                          f"{b.dtype} {tuple(b.shape)}/{b.stride()}")
     (M, K), N = a.shape, b.shape[1]
+    if c is not None and not (c.shape == (M, N) and c.dtype == a.dtype and c.device == a.device
+                              and c.stride() == (N, 1) and c.data_ptr() % 256 == 0):
+        raise ValueError(f"cuBLASLt matmul_add needs c ({M}, {N}) contiguous, {a.dtype}, 256-byte aligned; got "
+                         f"{c.dtype} {tuple(c.shape)}/{c.stride()}")
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
     a_transposed, b_transposed = _transposed(a), _transposed(b)
-    key = (M, N, K, a_transposed, b_transposed, a.dtype, epilogue, a.device.index)
+    key = (M, N, K, a_transposed, b_transposed, a.dtype, epilogue, a.device.index, c is not None)
     with _lock:
         plan = _plans.get(key)
         if plan is None:
-            plan = _plans[key] = _Plan(M, N, K, a_transposed, b_transposed, a.dtype, epilogue, a.device.index or 0)
+            plan = _plans[key] = _Plan(M, N, K, a_transposed, b_transposed, a.dtype, epilogue, a.device.index or 0,
+                                       accumulate=c is not None)
         plan.set_aux(aux)
         if plan.algo is None:
-            plan.choose(lambda algo, workspace: plan(a, b, out, algo, workspace))
-        plan(a, b, out)
+            plan.choose(lambda algo, workspace: plan(a, b, out, algo, workspace, c))
+        plan(a, b, out, c=c)
     return out
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b through cuBLASLt without an epilogue (for comparisons)."""
     return _matmul(a, b, _EPILOGUE_DEFAULT, None)
+
+
+def matmul_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """c + a @ b from one GEMM (beta = 1: the epilogue reads c; the sum rounded once)."""
+    return _matmul(a, b, _EPILOGUE_DEFAULT, None, c)
 
 
 def matmul_gelu(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,10 +256,10 @@ def plans() -> list[dict]:
     """Each shape's chosen algorithm: the candidates' times (ms, first call) and which won."""
     names = {_EPILOGUE_DEFAULT: "none", _EPILOGUE_GELU_AUX: "gelu_aux"}
     out = []
-    for (M, N, K, a_transposed, b_transposed, dtype, epilogue, _), plan in _plans.items():
+    for (M, N, K, a_transposed, b_transposed, dtype, epilogue, _, accumulate), plan in _plans.items():
         chosen = next((i for i, c in enumerate(plan.candidates) if bytes(c) == bytes(plan.algo)), None)
         out.append({"M": M, "N": N, "K": K, "a_transposed": a_transposed, "b_transposed": b_transposed,
-                    "dtype": str(dtype), "workspace": plan.workspace,
+                    "dtype": str(dtype), "workspace": plan.workspace, "adds_c": accumulate,
                     "epilogue": names[epilogue], "candidate_ms": [round(t, 4) for t in plan.timings_ms],
                     "chosen": chosen})
     return out

@@ -11,8 +11,8 @@ dh = dg * gelu'(h). Here:
   32768 x 2048 x 512 on an H200, elsewhere a Triton kernel, 0.170 ms, against 0.216 ms for cuBLAS plus
   Inductor's elementwise kernel (`benchmarks/h200k/`, `benchmarks/h200i/fused_mlp/dgelu.md`). With
   cublaslt, the backward is cuBLAS and Inductor's kernel.
-The other GEMMs (proj, dx = dh W1, dW1 = dh^T x, dW2 = dy^T gelu(h)) are torch.mm, and h and gelu(h) are
-kept for the backward.
+The other GEMMs (proj, dx = dh W1, dW1 = dh^T x, dW2 = dy^T gelu(h)) take cuBLASLt's timed-fastest algorithm
+(imagegen.lt_linear.mm; torch.mm with IMAGEGEN_CUBLASLT_GEMMS=0), and h and gelu(h) are kept for the backward.
 
 cuBLASLt also has a DGELU epilogue for the backward GEMM, but on an H200 (cuBLAS 13) it ran as a separate
 epilogue kernel of 0.56 ms per layer at 32768 x 2048, five times Inductor's fused elementwise kernel
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from imagegen import cublaslt
 from imagegen.dgelu_matmul import matmul_dgelu, matmul_dgelu_runs
+from imagegen.lt_linear import mm
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -70,12 +71,12 @@ def _fc_gelu_kernels(x: torch.Tensor, w1: torch.Tensor) -> tuple[torch.Tensor, t
     return F.gelu(h, approximate="tanh"), h
 
 
-def _mlp_kernels(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                 fused_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, C), w1 (F, C), w2 (C, F) -> y = g @ w2^T (M, C), g = gelu(h) and h = x @ w1^T (M, F).
-    fused_backward only rides along, in the op's inputs, to the backward."""
+def _mlp_kernels(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, fused_backward: bool,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, C), w1 (F, C), w2 (C, F) (, residual (M, C)) -> y = (residual +) g @ w2^T (M, C), g = gelu(h) and
+    h = x @ w1^T (M, F). fused_backward only rides along, in the op's inputs, to the backward."""
     g, h = _fc_gelu_kernels(x, w1)
-    return torch.mm(g, w2.t()), g, h
+    return mm(g, w2.t(), c=residual), g, h
 
 
 def _mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, g: torch.Tensor,
@@ -88,28 +89,30 @@ def _mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch
     if fused_backward and matmul_dgelu_runs(dy, w2, h):
         dh = matmul_dgelu(dy, w2, h, custom_op=custom_op)
     else:
-        dh = torch.ops.aten.gelu_backward(torch.mm(dy, w2), h, approximate="tanh")
-    return torch.mm(dh, w1), torch.mm(dh.t(), x), torch.mm(dy.t(), g)
+        dh = torch.ops.aten.gelu_backward(mm(dy, w2, custom_op), h, approximate="tanh")
+    return mm(dh, w1, custom_op), mm(dh.t(), x, custom_op), mm(dy.t(), g, custom_op)
 
 
 _mlp_op = torch.library.custom_op("imagegen::gelu_mlp", _mlp_kernels, mutates_args=())
 
 
 @_mlp_op.register_fake
-def _(x, w1, w2, fused_backward):
+def _(x, w1, w2, fused_backward, residual=None):
     g = x.new_empty(x.shape[0], w1.shape[0])
     return x.new_empty(x.shape[0], w2.shape[0]), g, torch.empty_like(g)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, w2, ctx.fused_backward = inputs
+    x, w1, w2, ctx.fused_backward, residual = inputs
+    ctx.adds_residual = residual is not None
     _, g, h = output
     ctx.save_for_backward(x, w1, w2, g, h)
     ctx.mark_non_differentiable(g, h)
 
 
 def _backward(ctx, dy, dg_unused, dh_unused):
-    return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, custom_op=True), None)
+    return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, custom_op=True), None,
+            dy if ctx.adds_residual else None)
 
 
 _mlp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -119,19 +122,20 @@ class _EagerMLP(torch.autograd.Function):
     """The same calls without the custom op, for eager calls (the dispatcher's host cost)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, fused_backward):
-        y, g, h = _mlp_kernels(x, w1, w2, fused_backward)
+    def forward(ctx, x, w1, w2, fused_backward, residual):
+        y, g, h = _mlp_kernels(x, w1, w2, fused_backward, residual)
         ctx.save_for_backward(x, w1, w2, g, h)
-        ctx.fused_backward = fused_backward
+        ctx.fused_backward, ctx.adds_residual = fused_backward, residual is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, custom_op=False), None)
+        return (*_mlp_backward(dy, *ctx.saved_tensors, ctx.fused_backward, custom_op=False), None,
+                dy if ctx.adds_residual else None)
 
 
 def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor, custom_op: bool | None = None,
-             fused_backward: bool = False) -> torch.Tensor:
+             fused_backward: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """proj(gelu_tanh(fc(x))) for bias-free Linear weights fc_weight (F, C), proj_weight (C, F): (..., C) ->
     (..., C), in the autocast dtype when autocast is on (else x's dtype). custom_op: go through the custom op
     (default: only while torch.compile traces). fused_backward: the backward's first GEMM applies gelu' in its
@@ -139,8 +143,12 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor
     dtype = _compute_dtype(x)
     shape = x.shape
     x2, w1, w2 = x.reshape(-1, shape[-1]).to(dtype).contiguous(), fc_weight.to(dtype), proj_weight.to(dtype)
+    if residual is not None:
+        if residual.dtype != dtype:
+            raise ValueError(f"gelu_mlp adds a residual in the compute dtype {dtype}, got {residual.dtype}")
+        residual = residual.reshape(-1, proj_weight.shape[0]).contiguous()
     if custom_op if custom_op is not None else torch.compiler.is_compiling():
-        y = _mlp_op(x2, w1, w2, fused_backward)[0]
+        y = _mlp_op(x2, w1, w2, fused_backward, residual)[0]
     else:
-        y = _EagerMLP.apply(x2, w1, w2, fused_backward)
+        y = _EagerMLP.apply(x2, w1, w2, fused_backward, residual)
     return y.view(*shape[:-1], proj_weight.shape[0])

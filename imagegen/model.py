@@ -16,17 +16,18 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from imagegen import lt_linear, weight_cast
 from imagegen.attention import Grid, attend_packed, check_layout
 from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
 from imagegen.patterns import PatternParams, parse_layout
 
-
 RESIDUAL_DTYPES = ("float32", "autocast")
 MLP_BACKENDS = ("torch", "cublaslt", "fused")
+_RESIDUAL_IN_GEMM = lt_linear.residual_enabled()  # (read once: IMAGEGEN_GEMM_RESIDUAL=0 turns it off)
 
 
 @dataclass
@@ -49,7 +50,8 @@ class ModelConfig:
     residual_dtype: str = "float32"
     # torch: fc, GELU, proj as separate ops (torch.compile fuses what it can); cublaslt: the forward GELU computed
     # in the fc GEMM's cuBLASLt epilogue (imagegen.gelu_mlp) where it runs (CUDA, bf16/fp16), else the torch path;
-    # fused: that, and the backward's gelu' in the epilogue of its first GEMM (imagegen.dgelu_matmul)
+    # fused: that, and the backward's gelu' in the epilogue of its first GEMM (imagegen.dgelu_matmul). With either,
+    # the attention's projections and the MLP's other GEMMs take cuBLASLt's timed-fastest algorithms (imagegen.lt_linear)
     mlp_backend: str = "torch"
 
     def __post_init__(self):
@@ -93,13 +95,29 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        # with the cuBLASLt MLPs, the projections' GEMMs also take cuBLASLt's timed-fastest algorithms
+        self.linear = lt_linear.lt_linear if cfg.mlp_backend != "torch" and lt_linear.enabled() else F.linear
 
-    def forward(self, x):
+    def forward(self, x, weights=None, residual=None):
+        """weights: (qkv, proj) weights to use instead of the modules' own (their autocast copies, Block);
+        residual: returns residual + the attention's output (added in the projection's GEMM where it can)."""
         B, N, C = x.shape
         h = self.n_head
-        qkv = self.qkv(x).view(B, N, 3, h, C // h)  # one (B*N, C) x (C, 3C) GEMM
-        y = attend_packed(qkv, self.spec, self.grid, self.params, self.backend)  # (B, N, h, D)
-        return self.dropout(self.proj(y.reshape(B, N, C)))
+        qkv_weight, proj_weight = weights or (self.qkv.weight, self.proj.weight)
+        qkv = self.linear(x, qkv_weight).view(B, N, 3, h, C // h)  # one (B*N, C) x (C, 3C) GEMM
+        y = attend_packed(qkv, self.spec, self.grid, self.params, self.backend).reshape(B, N, C)  # (B, N, h*D)
+        if (residual is not None and self.linear is lt_linear.lt_linear and _RESIDUAL_IN_GEMM
+                and adds_in_gemm(self.dropout, y, residual)):
+            return self.linear(y, proj_weight, residual)
+        out = self.dropout(self.linear(y, proj_weight))
+        return out if residual is None else residual + out
+
+
+def adds_in_gemm(dropout: nn.Dropout, x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether a branch's last GEMM can add the residual stream itself (imagegen.lt_linear): no dropout to apply
+    before the add, and the stream in the GEMM's compute dtype (model.residual_dtype=autocast)."""
+    return (dropout.p == 0 or not dropout.training) and residual.dtype == lt_linear.compute_dtype(x)
+
 
 
 class MLP(nn.Module):
@@ -110,11 +128,18 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.backend = cfg.mlp_backend
 
-    def forward(self, x):
+    def forward(self, x, weights=None, residual=None):
+        """weights: (fc, proj) weights to use instead of the modules' own (their autocast copies, Block);
+        residual: returns residual + the MLP's output (added in the proj GEMM where it can)."""
+        fc_weight, proj_weight = weights or (self.fc.weight, self.proj.weight)
         if self.backend != "torch" and gelu_mlp_runs(x, self.fc.out_features):
-            return self.dropout(gelu_mlp(x, self.fc.weight, self.proj.weight,
-                                         fused_backward=self.backend == "fused"))
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+            fused = self.backend == "fused"
+            if residual is not None and _RESIDUAL_IN_GEMM and adds_in_gemm(self.dropout, x, residual):
+                return gelu_mlp(x, fc_weight, proj_weight, fused_backward=fused, residual=residual)
+            out = self.dropout(gelu_mlp(x, fc_weight, proj_weight, fused_backward=fused))
+        else:
+            out = self.dropout(F.linear(F.gelu(F.linear(x, fc_weight), approximate="tanh"), proj_weight))
+        return out if residual is None else residual + out
 
 
 class Block(nn.Module):
@@ -124,10 +149,15 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg, layer)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
+        self.group_casts = weight_cast.enabled()
 
     def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        weights = (self.attn.qkv.weight, self.attn.proj.weight, self.mlp.fc.weight, self.mlp.proj.weight)
+        dtype = weight_cast.autocast_dtype(x, weights[0]) if self.group_casts else None
+        if dtype is not None:  # under autocast: the four casts in one kernel (imagegen.weight_cast)
+            weights = weight_cast.cast_group(weights, dtype)
+        x = self.attn(self.ln1(x), weights[:2], residual=x)  # x + attn(ln1(x))
+        return self.mlp(self.ln2(x), weights[2:], residual=x)  # x + mlp(ln2(x))
 
 
 class ImageTransformer(nn.Module):

@@ -114,6 +114,7 @@ def test_gelu_mlp_falls_back_with_a_warning_when_cublaslt_refuses(monkeypatch):
         raise cublaslt.CublasLtError("cuBLASLt has no algorithm for this matmul and epilogue")
 
     monkeypatch.setattr(gm, "_cublaslt_failed", [])
+    monkeypatch.setenv("IMAGEGEN_CUBLASLT_GEMMS", "0")  # (the plain GEMMs: imagegen.lt_linear)
     monkeypatch.setattr(cublaslt, "runs", lambda a, b: True)
     monkeypatch.setattr(cublaslt, "matmul_gelu", refuse)
     x, w1, w2 = torch.randn(8, 16), torch.randn(64, 16), torch.randn(16, 64)
