@@ -8,6 +8,10 @@ kernel, and its backward the four gradients with another:
 
     w_qkv, w_proj, w_fc, w_fc2 = cast_group([qkv.weight, proj.weight, fc.weight, fc2.weight], torch.bfloat16)
 
+On an H200 the 12288 x 2 sparse step's casts took 0.150 ms in 24 launches, and the step 14.32 against 14.60 ms
+without this (benchmarks/h200m/triton_casts, foreach_casts; torch._foreach_copy_ instead of the Triton kernel was
+slower than no grouping: 48 thread blocks for a block's 3.1M weights).
+
 The values are those of autocast's own casts (bf16 rounded to nearest even forward, widened exactly backward),
 so a model computes the same numbers with or without it. Per block rather than once per model, so that DDP
 still gets each block's gradients as soon as its backward is done. Under torch.compile it is a custom op
