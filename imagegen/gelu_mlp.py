@@ -40,19 +40,13 @@ import torch.nn.functional as F
 
 from imagegen import cublaslt
 from imagegen.dgelu_matmul import matmul_dgelu, matmul_dgelu_runs
-from imagegen.lt_linear import mm
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype F.linear would compute x in: the autocast dtype when autocast is on, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+from imagegen.lt_linear import compute_dtype, mm
 
 
 def gelu_mlp_runs(x: torch.Tensor, hidden: int) -> bool:
     """Whether the fused GEMM takes this input: CUDA, a bf16/fp16 compute dtype, a width and a hidden width
     (4C) that are multiples of 8."""
-    return (x.is_cuda and _compute_dtype(x) in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0
+    return (x.is_cuda and compute_dtype(x) in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0
             and hidden % 8 == 0)
 
 
@@ -139,8 +133,9 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor
     """proj(gelu_tanh(fc(x))) for bias-free Linear weights fc_weight (F, C), proj_weight (C, F): (..., C) ->
     (..., C), in the autocast dtype when autocast is on (else x's dtype). custom_op: go through the custom op
     (default: only while torch.compile traces). fused_backward: the backward's first GEMM applies gelu' in its
-    epilogue (imagegen.dgelu_matmul)."""
-    dtype = _compute_dtype(x)
+    epilogue (imagegen.dgelu_matmul). residual (..., C) in the compute dtype: returns residual + the MLP's output,
+    the sum written by the proj GEMM's epilogue (imagegen.lt_linear)."""
+    dtype = compute_dtype(x)
     shape = x.shape
     x2, w1, w2 = x.reshape(-1, shape[-1]).to(dtype).contiguous(), fc_weight.to(dtype), proj_weight.to(dtype)
     if residual is not None:
