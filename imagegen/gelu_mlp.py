@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from imagegen import cublaslt
 from imagegen.dgelu_matmul import matmul_dgelu, matmul_dgelu_runs
-from imagegen.lt_linear import compute_dtype, mm
+from imagegen.lt_linear import compute_dtype, flat_residual, mm
 
 
 def gelu_mlp_runs(x: torch.Tensor, hidden: int) -> bool:
@@ -138,10 +138,7 @@ def gelu_mlp(x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor
     dtype = compute_dtype(x)
     shape = x.shape
     x2, w1, w2 = x.reshape(-1, shape[-1]).to(dtype).contiguous(), fc_weight.to(dtype), proj_weight.to(dtype)
-    if residual is not None:
-        if residual.dtype != dtype:
-            raise ValueError(f"gelu_mlp adds a residual in the compute dtype {dtype}, got {residual.dtype}")
-        residual = residual.reshape(-1, proj_weight.shape[0]).contiguous()
+    residual = flat_residual(residual, dtype, proj_weight.shape[0])
     if custom_op if custom_op is not None else torch.compiler.is_compiling():
         y = _mlp_op(x2, w1, w2, fused_backward, residual)[0]
     else:

@@ -121,16 +121,23 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def flat_residual(residual: torch.Tensor | None, dtype: torch.dtype, width: int) -> torch.Tensor | None:
+    """A residual (..., width) for a GEMM to add, as a contiguous (M, width) matrix; it must be in the GEMM's
+    compute dtype (the epilogue adds it as it is)."""
+    if residual is None:
+        return None
+    if residual.dtype != dtype:
+        raise ValueError(f"a GEMM adds a residual in its compute dtype {dtype}, got {residual.dtype}")
+    return residual.reshape(-1, width).contiguous()
+
+
 def lt_linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight) without bias, its GEMMs through cuBLASLt (see the module docstring); with a residual
     (..., C_out) in the compute dtype, residual + F.linear(x, weight) from the same GEMM."""
     dtype = compute_dtype(x)
     shape = x.shape
     x2, w = x.reshape(-1, shape[-1]).to(dtype).contiguous(), weight.to(dtype)
-    if residual is not None:
-        if residual.dtype != dtype:
-            raise ValueError(f"lt_linear adds a residual in the compute dtype {dtype}, got {residual.dtype}")
-        residual = residual.reshape(-1, weight.shape[0]).contiguous()
+    residual = flat_residual(residual, dtype, weight.shape[0])
     if torch.compiler.is_compiling():
         y = _linear_op(x2, w, residual)
     else:

@@ -106,18 +106,18 @@ class SelfAttention(nn.Module):
         qkv_weight, proj_weight = weights or (self.qkv.weight, self.proj.weight)
         qkv = self.linear(x, qkv_weight).view(B, N, 3, h, C // h)  # one (B*N, C) x (C, 3C) GEMM
         y = attend_packed(qkv, self.spec, self.grid, self.params, self.backend).reshape(B, N, C)  # (B, N, h*D)
-        if (residual is not None and self.linear is lt_linear.lt_linear and _RESIDUAL_IN_GEMM
-                and adds_in_gemm(self.dropout, y, residual)):
+        if residual is not None and self.linear is lt_linear.lt_linear and adds_in_gemm(self.dropout, y, residual):
             return self.linear(y, proj_weight, residual)
         out = self.dropout(self.linear(y, proj_weight))
         return out if residual is None else residual + out
 
 
 def adds_in_gemm(dropout: nn.Dropout, x: torch.Tensor, residual: torch.Tensor) -> bool:
-    """Whether a branch's last GEMM can add the residual stream itself (imagegen.lt_linear): no dropout to apply
-    before the add, and the stream in the GEMM's compute dtype (model.residual_dtype=autocast)."""
-    return (dropout.p == 0 or not dropout.training) and residual.dtype == lt_linear.compute_dtype(x)
-
+    """Whether a branch's last GEMM can add the residual stream itself (imagegen.lt_linear): not turned off
+    (IMAGEGEN_GEMM_RESIDUAL=0), no dropout to apply before the add, and the stream in the GEMM's compute dtype
+    (model.residual_dtype=autocast)."""
+    return (_RESIDUAL_IN_GEMM and (dropout.p == 0 or not dropout.training)
+            and residual.dtype == lt_linear.compute_dtype(x))
 
 
 class MLP(nn.Module):
@@ -134,7 +134,7 @@ class MLP(nn.Module):
         fc_weight, proj_weight = weights or (self.fc.weight, self.proj.weight)
         if self.backend != "torch" and gelu_mlp_runs(x, self.fc.out_features):
             fused = self.backend == "fused"
-            if residual is not None and _RESIDUAL_IN_GEMM and adds_in_gemm(self.dropout, x, residual):
+            if residual is not None and adds_in_gemm(self.dropout, x, residual):
                 return gelu_mlp(x, fc_weight, proj_weight, fused_backward=fused, residual=residual)
             out = self.dropout(gelu_mlp(x, fc_weight, proj_weight, fused_backward=fused))
         else:

@@ -77,8 +77,9 @@ def _cast_kernels(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch
         sizes = [t.numel() for t in srcs] + [0] * pad
         _cast_four[(sum(triton.cdiv(n, BLOCK) for n in sizes),)](*srcs, *srcs[:1] * pad, *dsts, *dsts[:1] * pad,
                                                                 *sizes, BLOCK=BLOCK, num_warps=WARPS)
-    for i in sorted(set(range(len(tensors))) - set(together)):
-        outs[i].copy_(tensors[i])
+    for i, (t, out) in enumerate(zip(tensors, outs)):
+        if i not in together:
+            out.copy_(t)
     return outs
 
 
