@@ -7,14 +7,16 @@ could take off the step's matmul time.
 A step's GEMMs per layer: the forward x W^T of the q/k/v projection, the attention's output projection, fc and
 fc2; per Linear the backward's dgrad dy W and wgrad dy^T x (dy^T a transposed view, as autograd passes it); and
 once the head. Operands are bf16 in the layouts the model's GEMMs see (a weight as the transpose of its
-(out, in) parameter). Times are medians of CUDA-event timings of one call.
+(out, in) parameter). Times are medians of CUDA-event timings of one call, and of ten calls captured in one CUDA
+graph (per call), as a reduce-overhead step replays them: there a memset that cuBLAS issues before a kernel is a
+graph node of its own. The table names the kernels (and memsets) each cuBLASLt call launched.
 """
 
 from __future__ import annotations
 
 import torch
 
-from imagegen.benchmark import time_ms
+from imagegen.benchmark import graph_time_ms, time_ms
 
 
 def step_gemms(size: tuple) -> list[dict]:
@@ -42,6 +44,26 @@ def _operand(rows: int, cols: int, transposed: bool) -> torch.Tensor:
     return torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
 
 
+_IN_GRAPH = 10  # calls captured back to back in one CUDA graph, as a training step's graph replays them
+
+
+def _repeated(fn):
+    return lambda: [fn() for _ in range(_IN_GRAPH)]
+
+
+def launched_kernels(fn) -> list[str]:
+    """The names of the GPU work one call of fn launches (kernels and memsets), in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return [e.name for e in sorted(events, key=lambda e: e.time_range.start)]
+
+
 def bench_gemms(size_index: int = 0) -> dict:
     from imagegen import cublaslt
     from imagegen.train_benchmark import SIZES
@@ -51,16 +73,22 @@ def bench_gemms(size_index: int = 0) -> dict:
     for gemm in step_gemms(size):
         M, N, K = gemm["M"], gemm["N"], gemm["K"]
         a, b = _operand(M, K, gemm["a_t"]), _operand(K, N, gemm["b_t"])
-        torch_ms = time_ms(lambda a=a, b=b: torch.mm(a, b))
+        torch_mm = lambda a=a, b=b: torch.mm(a, b)
+        torch_ms, torch_graph_ms = time_ms(torch_mm), graph_time_ms(_repeated(torch_mm)) / _IN_GRAPH
+        row = {**gemm, "torch_kernels": launched_kernels(torch_mm)}
         try:
             cublaslt.matmul(a, b)  # chooses the algorithm (times the candidates)
-            lt_ms = time_ms(lambda a=a, b=b: cublaslt.matmul(a, b))
+            lt_mm = lambda a=a, b=b: cublaslt.matmul(a, b)
+            lt_ms, lt_graph_ms = time_ms(lt_mm), graph_time_ms(_repeated(lt_mm)) / _IN_GRAPH
+            row["cublaslt_kernels"] = launched_kernels(lt_mm)
         except (cublaslt.CublasLtError, ValueError) as e:
-            lt_ms, gemm["error"] = None, str(e)
+            lt_ms, lt_graph_ms, row["error"] = None, None, str(e)
         flops = 2 * M * N * K
-        rows.append({**gemm, "torch_ms": torch_ms, "cublaslt_ms": lt_ms, "torch_tflops": flops / torch_ms / 1e9,
-                     "cublaslt_tflops": flops / lt_ms / 1e9 if lt_ms else None})
-    total = {key: sum(r[key] * r["per_step"] for r in rows if r["cublaslt_ms"]) for key in ("torch_ms", "cublaslt_ms")}
+        rows.append({**row, "torch_ms": torch_ms, "cublaslt_ms": lt_ms, "torch_tflops": flops / torch_ms / 1e9,
+                     "cublaslt_tflops": flops / lt_ms / 1e9 if lt_ms else None,
+                     "torch_graph_ms": torch_graph_ms, "cublaslt_graph_ms": lt_graph_ms})
+    total = {key: sum(r[key] * r["per_step"] for r in rows if r["cublaslt_ms"])
+             for key in ("torch_ms", "cublaslt_ms", "torch_graph_ms", "cublaslt_graph_ms")}
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "size": size[0], "gemms": rows,
             "per_step_ms": total, "plans": cublaslt.plans()}
 
@@ -68,15 +96,22 @@ def bench_gemms(size_index: int = 0) -> dict:
 def format_gemms(result: dict) -> str:
     out = [(f"The GEMMs of one training step, {result['size']} ({result['device']}, torch {result['torch']}; "
             "medians of one call)"),
-           "| role | M x N x K | a, b | per step | torch.mm ms | TFLOP/s | cuBLASLt best ms | TFLOP/s | x |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           ("| role | M x N x K | a, b | per step | torch.mm ms | TFLOP/s | cuBLASLt best ms | TFLOP/s | x | "
+            "torch.mm in a graph | cuBLASLt in a graph | cuBLASLt's kernels |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["gemms"]:
         layout = ("T" if r["a_t"] else "N") + ("T" if r["b_t"] else "N")
         lt = (f"{r['cublaslt_ms']:.4f} | {r['cublaslt_tflops']:.0f} | {r['torch_ms'] / r['cublaslt_ms']:.2f}x"
               if r["cublaslt_ms"] else f"({r.get('error', 'no result')}) | | ")
+        graph = (f"{r['torch_graph_ms']:.4f} | " + (f"{r['cublaslt_graph_ms']:.4f}" if r["cublaslt_ms"] else "")
+                 if "torch_graph_ms" in r else " | ")
+        kernels = ", ".join(f"`{k[:48]}`" for k in r.get("cublaslt_kernels", []))
         out.append(f"| {r['role']} | {r['M']} x {r['N']} x {r['K']} | {layout} | {r['per_step']} | "
-                   f"{r['torch_ms']:.4f} | {r['torch_tflops']:.0f} | {lt} |")
+                   f"{r['torch_ms']:.4f} | {r['torch_tflops']:.0f} | {lt} | {graph} | {kernels} |")
     t = result["per_step_ms"]
     out.append(f"\nPer step (each time x calls per step): torch.mm {t['torch_ms']:.2f} ms, cuBLASLt's best "
                f"{t['cublaslt_ms']:.2f} ms")
+    if "torch_graph_ms" in t:
+        out.append(f"In CUDA graphs ({_IN_GRAPH} calls a graph, as a step replays them): torch.mm "
+                   f"{t['torch_graph_ms']:.2f} ms, cuBLASLt's best {t['cublaslt_graph_ms']:.2f} ms")
     return "\n".join(out)

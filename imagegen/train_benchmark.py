@@ -336,7 +336,8 @@ GAP_BUCKETS_US = (5, 20, 100)
 def device_gaps(events, steps: int, top: int = 12) -> dict:
     """Where the GPU sat idle between kernels over the profiled steps: the span from the first kernel's start to
     the last one's end, the time some kernel ran, the idle gaps per step by length (< 5 us, 5-20, 20-100,
-    >= 100 us) and the longest gaps with the kernels either side of them."""
+    >= 100 us), the longest gaps with the kernels either side of them, the gaps summed by that pair of kernels,
+    and the timeline of about one step in the middle (start us from its first kernel, duration us, kernel)."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                    if is_kernel(e.device_type.name, e.name))
     if not spans:
@@ -356,8 +357,18 @@ def device_gaps(events, steps: int, top: int = 12) -> dict:
                 "ms_per_step": sum(g[0] for g in gaps if lo <= g[0] < hi) / 1e3 / steps}
                for lo, hi in zip(limits, limits[1:])]
     longest = sorted(gaps, key=lambda g: -g[0])[:top]
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    for us, after, before in gaps:
+        by_pair.setdefault((after, before), []).append(us)
+    pairs = sorted(by_pair.items(), key=lambda kv: -sum(kv[1]))[:top]
+    first = spans[0][0] + (spans[-1][1] - spans[0][0]) * (steps // 2) / steps  # about where the middle step starts
+    timeline = [[round(s - first, 2), round(e - s, 2), name] for s, e, name in spans
+                if first <= s < first + (spans[-1][1] - spans[0][0]) / steps]
     return {"span_ms_per_step": (spans[-1][1] - spans[0][0]) / 1e3 / steps, "busy_ms_per_step": busy / 1e3 / steps,
-            "buckets": buckets, "longest": [{"us": us, "after": a, "before": b} for us, a, b in longest]}
+            "buckets": buckets, "longest": [{"us": us, "after": a, "before": b} for us, a, b in longest],
+            "by_pair": [{"after": a, "before": b, "per_step": len(v) / steps, "ms_per_step": sum(v) / 1e3 / steps}
+                        for (a, b), v in pairs],
+            "timeline": timeline}
 
 
 def format_profile(result: dict, top: int = 25) -> str:
@@ -384,6 +395,11 @@ def format_profile(result: dict, top: int = 25) -> str:
                 for b in g["buckets"]]
         out += ["", "Longest gaps", "| us | after | before |", "|---|---|---|"]
         out += [f"| {x['us']:.0f} | `{x['after'][:60]}` | `{x['before'][:60]}` |" for x in g["longest"]]
+        if g.get("by_pair"):
+            out += ["", "Gaps summed by the kernels either side", "| after | before | gaps/step | ms/step |",
+                    "|---|---|---|---|"]
+            out += [f"| `{x['after'][:60]}` | `{x['before'][:60]}` | {x['per_step']:.1f} | {x['ms_per_step']:.3f} |"
+                    for x in g["by_pair"]]
     if result.get("operators"):  # kernels launched through ATen, not Inductor's: cuBLAS GEMMs, reductions, AdamW
         out += ["", "ATen operators that launched kernels (GPU time of their kernels; nested operators count twice)",
                 "| operator | ms/step | calls/step |", "|---|---|---|"]

@@ -111,10 +111,13 @@ def test_device_gaps_measure_idle_time_between_kernels_over_the_steps():
     assert counts[(0, 5)] == (0.5, pytest.approx(3)) and counts[(100, float("inf"))] == (0.5, pytest.approx(100))
     assert counts[(5, 20)] == counts[(20, 100)] == (0, 0)
     assert [(g["us"], g["after"], g["before"]) for g in gaps["longest"]] == [(100, "c", "d"), (3, "b", "c")]
+    assert [(g["after"], g["before"], g["per_step"], g["ms_per_step"] * 2e3) for g in gaps["by_pair"]] == [
+        ("c", "d", 0.5, pytest.approx(100)), ("b", "c", 0.5, pytest.approx(3))]
+    assert gaps["timeline"] == [[55, 10, "d"]]  # the second of the two steps' spans starts at 65 us
     result = {"model": "sparse", "size": "s", "N": 16, "batch": 2, "device": "GPU", "torch": "2.x",
               "timed_ms_per_step": 0.1, "launches_per_step": 2, "groups": {"other": 0.0135}, "kernels": [],
               "gaps": gaps}
-    assert "| 100 | `c` | `d` |" in format_profile(result)
+    assert "| 100 | `c` | `d` |" in format_profile(result) and "| `c` | `d` | 0.5 | 0.050 |" in format_profile(result)
 
 
 def test_profile_leaves_out_annotation_ranges_but_keeps_kernels_named_with_lambdas():
