@@ -13,9 +13,12 @@ transpose of a contiguous matrix (a Linear weight's .t(), a gradient's .t()), th
 aligned (a multiple of 8 elements), both starting at a 256-byte boundary (as fresh PyTorch allocations do;
 cuBLASLt's heuristic assumes that by default, so an algorithm chosen once fits every later call). The library is
 the libcublasLt PyTorch itself loaded. Each shape's algorithm is chosen once: on its first call the candidates of
-cuBLASLt's heuristic are timed and the fastest is kept (`plans()` lists them). An algorithm that needs a
-workspace (up to 32 MiB, e.g. split-K) gets it from PyTorch's allocator on each call, so nothing is allocated
-outside PyTorch (CUDA-graph capture safe).
+cuBLASLt's heuristic are timed and the fastest is kept (`plans()` lists them); each is timed as the median
+replay of a CUDA graph of five calls (IMAGEGEN_CUBLASLT_TIMING=eager: five eager calls, as before), which times
+the GPU alone and counts the memset that an algorithm needing a workspace of a few bytes issues first (such an
+algorithm is also timed without a workspace, where it runs on a static schedule without the memset). An
+algorithm that needs a workspace (up to 32 MiB, e.g. split-K) gets it from PyTorch's allocator on each call, so
+nothing is allocated outside PyTorch (CUDA-graph capture safe).
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ _MAX_WORKSPACE = 32 * 2**20
 _COMPUTE_32F, _R_32F = 68, 0
 _DATA_TYPES = {torch.bfloat16: 14, torch.float16: 2}
 _OP_N, _OP_T = 0, 1
-_CANDIDATES = 16  # heuristic answers timed per shape
-TIMING_ENV = "IMAGEGEN_CUBLASLT_TIMING"  # how candidates are timed: eager (default) or graph (in a CUDA graph)
+_CANDIDATES = 16  # heuristic answers asked for, per workspace limit
+# An algorithm whose workspace is this small keeps only its tile scheduler's counter there, which cuBLASLt zeroes
+# with a memset before each call (in a CUDA graph a memset node, about 4 us before its kernel starts on an
+# H200); without a workspace the same algorithm runs with a static schedule and no memset. Both are candidates.
+_SCHEDULER_WORKSPACE = 1024
+TIMING_ENV = "IMAGEGEN_CUBLASLT_TIMING"  # how candidates are timed: graph (default, in a CUDA graph) or eager
 
 
 class CublasLtError(RuntimeError):
@@ -80,6 +87,7 @@ def _library() -> ctypes.CDLL:
         "cublasLtMatrixLayoutCreate": [ctypes.POINTER(p), i, u64, u64, i64],
         "cublasLtMatmulPreferenceCreate": [ctypes.POINTER(p)],
         "cublasLtMatmulPreferenceSetAttribute": [p, i, p, sz],
+        "cublasLtMatmulPreferenceDestroy": [p],
         "cublasLtMatmulAlgoGetHeuristic": [p, p, p, p, p, p, p, i, ctypes.POINTER(_Heuristic), ctypes.POINTER(i)],
         "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, ctypes.POINTER(_Algo), p, sz, p],
     }
@@ -142,34 +150,61 @@ class _Plan:
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(1.0 if accumulate else 0.0)  # out = a b + beta c
         self.algo, self.candidates, self.workspaces, self.timings_ms = None, [], [], []
         self.workspace = 0  # bytes the chosen algorithm needs
+        self.chosen: int | None = None  # its index in candidates
 
     def set_aux(self, aux: torch.Tensor | None) -> None:
         if aux is not None:
             _set(self.lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
 
-    def choose(self, run) -> None:
-        """Ask the heuristic for candidates, time each (outputs are overwritten by the real call after), keep the
-        fastest. Under CUDA-graph capture nothing can be timed: the heuristic's first answer is used."""
+    def _heuristic(self, max_workspace: int) -> list[tuple[_Algo, int]]:
+        """cuBLASLt's heuristic's answers (algorithm, workspace bytes) within a workspace limit, best first."""
         pref = ctypes.c_void_p()
         _check(self.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference")
         _set(self.lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE_BYTES,
-             ctypes.c_uint64(_MAX_WORKSPACE))
+             ctypes.c_uint64(max_workspace))
         results, count = (_Heuristic * _CANDIDATES)(), ctypes.c_int(0)
-        _check(self.lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a_layout, self.b_layout,
-                                                       self.out_layout, self.out_layout, pref, _CANDIDATES, results,
-                                                       ctypes.byref(count)), "heuristic")
-        usable = [i for i in range(count.value) if results[i].state == 0]
-        self.candidates = [results[i].algo for i in usable]
-        self.workspaces = [results[i].workspace_size for i in usable]
-        if not self.candidates:
+        status = self.lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a_layout, self.b_layout,
+                                                         self.out_layout, self.out_layout, pref, _CANDIDATES, results,
+                                                         ctypes.byref(count))
+        self.lib.cublasLtMatmulPreferenceDestroy(pref)
+        if status != 0 and max_workspace == 0:
+            return []  # no algorithm without a workspace (CUBLAS_STATUS_NOT_SUPPORTED)
+        _check(status, "heuristic")
+        return [(results[i].algo, results[i].workspace_size) for i in range(count.value) if results[i].state == 0]
+
+    def choose(self, run) -> None:
+        """Ask the heuristic for candidates, within the workspace limit and without a workspace, add each one
+        that keeps only a scheduler counter in its workspace once more without it (see _SCHEDULER_WORKSPACE),
+        time each (outputs are overwritten by the real call after), keep the fastest. Under CUDA-graph capture
+        nothing can be timed: the heuristic's first answer is used."""
+        pairs: list[tuple[_Algo, int]] = []
+        for max_workspace in (_MAX_WORKSPACE, 0):  # 0: the algorithms that issue no memset before their kernel
+            pairs += [(algo, ws) for algo, ws in self._heuristic(max_workspace)
+                      if bytes(algo) not in {bytes(a) for a, _ in pairs}]
+        if not pairs:
             raise CublasLtError("cuBLASLt has no algorithm for this matmul and epilogue")
-        best = 0
-        if not torch.cuda.is_current_stream_capturing() and len(self.candidates) > 1:
-            time = _graph_timed_ms if os.environ.get(TIMING_ENV, "eager") == "graph" else _timed_ms
+        capturing = torch.cuda.is_current_stream_capturing()
+        if not capturing:  # the same algorithms without their scheduler's counter: no memset, a static schedule
+            for algo, ws in list(pairs):
+                if 0 < ws <= _SCHEDULER_WORKSPACE and self._runs(run, algo):
+                    pairs.append((algo, 0))
+        self.candidates, self.workspaces = [a for a, _ in pairs], [ws for _, ws in pairs]
+        self.chosen = 0
+        if not capturing and len(pairs) > 1:
+            time = _timed_ms if os.environ.get(TIMING_ENV, "graph") == "eager" else _graph_timed_ms
             self.timings_ms = [time(lambda algo=algo, workspace=workspace: run(algo, workspace))
-                               for algo, workspace in zip(self.candidates, self.workspaces)]
-            best = min(range(len(self.candidates)), key=self.timings_ms.__getitem__)
-        self.algo, self.workspace = self.candidates[best], self.workspaces[best]
+                               for algo, workspace in pairs]
+            self.chosen = min(range(len(pairs)), key=self.timings_ms.__getitem__)
+        self.algo, self.workspace = pairs[self.chosen]
+
+    @staticmethod
+    def _runs(run, algo: _Algo) -> bool:
+        """Whether cuBLASLt takes the algorithm without a workspace (it answers with an error status if not)."""
+        try:
+            run(algo, 0)
+        except CublasLtError:
+            return False
+        return True
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, algo: _Algo | None = None,
                  workspace: int | None = None, c: torch.Tensor | None = None) -> None:
@@ -198,9 +233,11 @@ def _timed_ms(call, calls: int = 5) -> float:
     return start.elapsed_time(end) / calls
 
 
-def _graph_timed_ms(call, calls: int = 5) -> float:
-    """Milliseconds a call, of `calls` captured back to back in one CUDA graph and replayed: what a call costs in
-    a reduce-overhead step, where a memset cuBLASLt issues before its kernel is a graph node of its own."""
+def _graph_timed_ms(call, calls: int = 5, replays: int = 5) -> float:
+    """Milliseconds a call, of `calls` captured back to back in one CUDA graph: the median of `replays` timed
+    replays. This is the GPU's time alone (an eager call of a short GEMM also times the host issuing it through
+    ctypes), and what a call costs in a reduce-overhead step, where a memset cuBLASLt issues before its kernel
+    is a graph node of its own."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -211,7 +248,8 @@ def _graph_timed_ms(call, calls: int = 5) -> float:
         for _ in range(calls):
             call()
     graph.replay()
-    return _timed_ms(graph.replay, calls=3) / calls
+    times = sorted(_timed_ms(graph.replay, calls=1) for _ in range(replays))
+    return times[replays // 2] / calls
 
 
 def _transposed(t: torch.Tensor) -> bool | None:
@@ -280,9 +318,9 @@ def plans() -> list[dict]:
     names = {_EPILOGUE_DEFAULT: "none", _EPILOGUE_GELU_AUX: "gelu_aux"}
     out = []
     for (M, N, K, a_transposed, b_transposed, dtype, epilogue, _, accumulate), plan in _plans.items():
-        chosen = next((i for i, c in enumerate(plan.candidates) if bytes(c) == bytes(plan.algo)), None)
+        chosen = plan.chosen if plan.algo is not None else None
         out.append({"M": M, "N": N, "K": K, "a_transposed": a_transposed, "b_transposed": b_transposed,
                     "dtype": str(dtype), "workspace": plan.workspace, "adds_c": accumulate,
                     "epilogue": names[epilogue], "candidate_ms": [round(t, 4) for t in plan.timings_ms],
-                    "chosen": chosen})
+                    "candidate_workspace": list(plan.workspaces), "chosen": chosen})
     return out

@@ -22,6 +22,7 @@ import torch
 
 from imagegen.benchmark import kernel_ms, self_device_us, time_ms
 from imagegen.compare import with_settings
+from imagegen.gpu_clock import ClockSampler
 from imagegen.inductor_sums import installed as column_sums_installed
 from imagegen.model import ImageTransformer, ModelConfig
 from imagegen.patterns import parse_layout
@@ -107,9 +108,10 @@ def _measure(step, device: str, quick: bool):
     if device == "cuda":
         torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)
+    with ClockSampler() as clocks:  # the card's SM clock and power while the step is timed
+        ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return ms, mem, compile_s, host_ms(step, device)
+    return ms, mem, compile_s, host_ms(step, device), clocks.summary()
 
 
 def host_ms(step, device: str, steps: int = 5) -> float:
@@ -190,7 +192,8 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
         flops = model_step_flops(model)
     # torch.compile compiles in the untimed first steps; the anchor compiles as stock Inductor does
     with inductor_config.patch(inductor_settings(inductor)), column_sums_installed(kind != "anchor"):
-        ms, mem, compile_s, host = _measure(training_step(model, loss_fn, batch, n, V, device), device, quick)
+        ms, mem, compile_s, host, clocks = _measure(training_step(model, loss_fn, batch, n, V, device), device,
+                                                     quick)
     tokens_per_sec = batch * n / (ms / 1e3)
     peak = peak_flops()
     mfu = tokens_per_sec * flops / peak if peak else None
@@ -202,7 +205,7 @@ def bench_one(kind: str, size: tuple, device: str, quick: bool, anchor=None, com
     return {"size": label, "model": row_label(kind, compiled_with, residual_dtype, mlp_backend, inductor),
             "N": n, "batch": batch, "layers": n_layer, "d": d, "heads": heads, "params_M": params / 1e6,
             "ms_per_step": ms, "host_ms_per_step": host, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-            "peak_mem_gib": mem, "warmup_s": compile_s}
+            "peak_mem_gib": mem, "warmup_s": compile_s, "clocks": clocks}
 
 
 def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list[int] | None = None,
@@ -234,12 +237,13 @@ def bench_train(quick: bool = False, anchor_path: str | None = None, sizes: list
 def format_train(result: dict) -> str:
     out = [(f"Training step: forward + backward + fused AdamW, bf16 autocast, compiled "
             f"({result['device']}, torch {result['torch']}; medians)"),
-           "| size | N x batch | model | params | ms/step | host ms/step | tokens/s | x anchor | MFU | peak mem |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           ("| size | N x batch | model | params | ms/step | host ms/step | tokens/s | x anchor | MFU | peak mem | "
+            "SM clock (power-capped) |"),
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     anchors = {r["size"]: r for r in result["train"] if r["model"] == "anchor" and "error" not in r}
     for r in result["train"]:
         if "error" in r:
-            out.append(f"| {r['size']} | | {r['model']} | | {r['error']} | | | | | |")
+            out.append(f"| {r['size']} | | {r['model']} | | {r['error']} | | | | | | |")
             continue
         a = anchors.get(r["size"])
         ratio = f"{r['tokens_per_sec'] / a['tokens_per_sec']:.2f}x" if a else "-"
@@ -247,8 +251,10 @@ def format_train(result: dict) -> str:
         mem = "-" if math.isnan(r["peak_mem_gib"]) else f"{r['peak_mem_gib']:.1f} GiB"
         name = "anchor dense GPT" if r["model"] == "anchor" else f"ours, {r['model']}"
         host = f"{r['host_ms_per_step']:.2f}" if "host_ms_per_step" in r else "-"
+        c = r.get("clocks") or {}
+        clock = f"{c['sm_mhz']:.0f} MHz, {c['power_w']:.0f} W ({100 * c['power_capped']:.0f}%)" if c else "-"
         out.append(f"| {r['size']} | {r['N']} x {r['batch']} | {name} | {r['params_M']:.1f}M | {r['ms_per_step']:.2f} | "
-                   f"{host} | {r['tokens_per_sec']:,.0f} | {ratio} | {mfu} | {mem} |")
+                   f"{host} | {r['tokens_per_sec']:,.0f} | {ratio} | {mfu} | {mem} | {clock} |")
     return "\n".join(out)
 
 

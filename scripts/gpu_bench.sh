@@ -37,6 +37,7 @@
 #            (else one after the other), then 16 samples from each last checkpoint; each run's records
 #            (metrics.csv, run.json, samples.png) go to $OUT/emoji_<model>, compare.py's to $OUT/emoji.*;
 #            on the device tool keep EMOJI_TIME about 70 s under the call's limit (start-up, dense sampling)
+# GPU_SAMPLE=1 writes $OUT/gpu_samples.csv: the SM clock, power draw and throttle reasons every 100 ms.
 # ANCHORS defaults to ../shared/anchors (copy them into the repo as .anchors/ for the device tool).
 # The device machine has no network: for the emoji stage copy the PNGs into the repo first, e.g.
 #   cp -r ~/data/node_modules/emoji-datasource-twitter/img/twitter/64 .data/emoji64   (git-ignored, 18 MB)
@@ -59,6 +60,11 @@ emoji_job() {
     > "$OUT/emoji_${model}_sample.log" 2>&1; echo "emoji $model sample: exit $?"
   rm -rf "$OUT/emoji_$model/samples"   # keep the grid; the single images would pass the device tool's file limit
 }
+if [ -n "${GPU_SAMPLE:-}" ]; then   # the card's SM clock, power and throttle reasons every 100 ms, beside the stages
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv,noheader -lms 100 > "$OUT/gpu_samples.csv" 2>&1 &
+  sampler=$!; trap 'kill $sampler 2>/dev/null' EXIT
+fi
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in

@@ -76,6 +76,23 @@ def test_train_rows_say_how_long_the_host_takes_to_issue_a_step(tmp_path):
     assert 0 < row["host_ms_per_step"] < 60e3 and row["ms_per_step"] > 0
 
 
+def test_train_rows_say_the_cards_clock_and_power_while_timed(tmp_path):
+    """Each row records the SM clock, power and power-capped share sampled through NVML while it was timed
+    (empty without a GPU driver), and the table shows them."""
+    from imagegen.gpu_clock import summarize
+    from imagegen.train_benchmark import format_train
+
+    quick_train_rows(tmp_path, "--models", "sparse")
+    result = json.loads((tmp_path / "train.json").read_text())
+    (row,) = result["train"]
+    assert "clocks" in row and (row["clocks"] == {} or row["clocks"]["samples"] > 0)
+    # (MHz, W, clock-event reasons): 0x4 the software power cap, 0x8 hardware slowdown, 0x20 thermal
+    row["clocks"] = summarize([(1980, 300.0, 0), (1650, 690.0, 0x4), (1400, 699.0, 0x4 | 0x20), (1600, 680.0, 0x8)])
+    assert row["clocks"] == {"sm_mhz": 1625, "power_w": 685.0, "power_capped": 0.75, "thermal": 0.25, "samples": 4}
+    assert "| 1625 MHz, 685 W (75%) |" in format_train(result)
+    assert summarize([]) == {}
+
+
 def test_profile_table_names_the_operators_behind_kernels():
     """On a GPU the profile also lists the ATen operators that launched kernels (e.g. what a reduction kernel
     outside Inductor's fusions belongs to); the table shows them with their calls per step."""

@@ -1,6 +1,8 @@
 """GPU exactness (run on the device tool): every backend equals the fp32 reference in bf16, values and
 gradients, relative error < 2e-2. Skipped without CUDA."""
 
+import time
+
 import pytest
 import torch
 
@@ -170,6 +172,72 @@ def test_cublaslt_matmul_of_transposed_views_equals_reference(M, K, N, a_transpo
     err = ((cublaslt.matmul(a, b).float() - ref).norm() / ref.norm()).item()
     print(f"cuBLASLt matmul {M}x{K}x{N} a_t={a_transposed} b_t={b_transposed}: rel err {err:.2e}")
     assert err < 1e-2
+
+
+@pytest.mark.parametrize("timing,M", [("graph", 4104), ("eager", 4200)])
+def test_cublaslt_times_every_candidate_and_keeps_the_fastest(timing, M, monkeypatch):
+    """Each shape's first call times every heuristic candidate (in a CUDA graph by default, eagerly with
+    IMAGEGEN_CUBLASLT_TIMING=eager), keeps the fastest, and the call's result is the product; an algorithm that
+    keeps a scheduler counter in a few bytes of workspace is timed with it and without it, and the chosen one
+    issues a memset exactly when it has that workspace; a first call under someone else's graph capture takes
+    the heuristic's first answer."""
+    from imagegen import cublaslt
+    from imagegen.gemm_survey import launched_kernels
+
+    monkeypatch.setenv(cublaslt.TIMING_ENV, timing)
+    torch.manual_seed(0)
+    a, b = torch.randn(M, 512, device="cuda").bfloat16(), torch.randn(512, 1024, device="cuda").bfloat16()
+    ref = a.float() @ b.float()
+    err = ((cublaslt.matmul(a, b).float() - ref).norm() / ref.norm()).item()
+    plan = next(p for p in cublaslt.plans() if (p["M"], p["N"], p["K"]) == (M, 1024, 512))
+    times = plan["candidate_ms"]
+    print(f"cuBLASLt {timing} timing {M}x512x1024: candidates {times} ms, workspaces {plan['candidate_workspace']}, "
+          f"chose {plan['chosen']}; rel err {err:.2e}")
+    assert err < 1e-2 and len(times) == len(plan["candidate_workspace"]) and all(t > 0 for t in times)
+    assert len(times) == 1 or plan["chosen"] == min(range(len(times)), key=times.__getitem__)
+
+    rows = 6 * M  # about the 12288 x 2 model's token count
+    a3, w3 = torch.randn(rows, 512, device="cuda").bfloat16(), torch.randn(1536, 512, device="cuda").bfloat16()
+    ref3 = a3.float() @ w3.float().t()  # the q/k/v projection's layout, where nvjet keeps a scheduler counter
+    out3 = cublaslt.matmul(a3, w3.t())
+    assert ((out3.float() - ref3).norm() / ref3.norm()).item() < 1e-2
+    plan3 = next(p for p in cublaslt.plans() if (p["M"], p["N"], p["K"]) == (rows, 1536, 512))
+    spaces, chosen = plan3["candidate_workspace"], plan3["chosen"]
+    small = sum(1 for ws in spaces if 0 < ws <= cublaslt._SCHEDULER_WORKSPACE)
+    kernels = launched_kernels(lambda: cublaslt.matmul(a3, w3.t()))
+    print(f"q/k/v layout {rows}x512x1536: workspaces {spaces}, times {plan3['candidate_ms']}, chose {chosen}: "
+          f"{kernels}")
+    assert spaces.count(0) >= small  # each counter-keeping algorithm is also timed without its workspace
+    assert any("Memset" in k for k in kernels) == (0 < spaces[chosen] <= cublaslt._SCHEDULER_WORKSPACE)
+
+    a2 = torch.randn(M + 8, 512, device="cuda").bfloat16()  # a new shape, first called while capturing
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        out = cublaslt.matmul(a2, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref2 = a2.float() @ b.float()
+    assert ((out.float() - ref2).norm() / ref2.norm()).item() < 1e-2
+    plan2 = next(p for p in cublaslt.plans() if (p["M"], p["N"], p["K"]) == (M + 8, 1024, 512))
+    assert plan2["chosen"] == 0 and plan2["candidate_ms"] == []
+
+
+def test_clock_sampler_reads_the_cards_sm_clock_and_power_while_it_works():
+    """imagegen.gpu_clock through NVML: samples while GEMMs run, with a plausible SM clock and power draw."""
+    from imagegen.gpu_clock import ClockSampler
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    with ClockSampler() as clocks:
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.5:
+            for _ in range(20):
+                a @ a
+            torch.cuda.synchronize()
+    summary = clocks.summary()
+    print(f"clock sampler: {summary}")
+    assert summary["samples"] >= 3 and 100 < summary["sm_mhz"] < 4000 and 10 < summary["power_w"] < 2000
 
 
 @pytest.mark.parametrize("M,K,N", [(4096, 512, 2048), (300, 128, 200)], ids=["4096x512x2048", "300x128x200"])
