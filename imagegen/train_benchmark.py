@@ -300,7 +300,8 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     with column_sums_installed():
         for _ in range(3):  # compile and warm up outside the trace
             step()
-    timed_ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)  # the step as the train table times it
+    with ClockSampler() as clocks:
+        timed_ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)  # the step as the train table times it
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -333,7 +334,8 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
                                                   residual_dtype, mlp_backend),
             "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms, "host_ms_per_step": host_ms(step, device),
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
-            "operators": operators, "gaps": device_gaps(prof.events(), steps) if device == "cuda" else {}}
+            "operators": operators, "gaps": device_gaps(prof.events(), steps) if device == "cuda" else {},
+            "clocks": clocks.summary()}
 
 
 GAP_BUCKETS_US = (5, 20, 100)
@@ -377,6 +379,12 @@ def device_gaps(events, steps: int, top: int = 12) -> dict:
             "timeline": timeline}
 
 
+def _clock_note(result: dict) -> str:
+    c = result.get("clocks") or {}
+    return (f" While it was timed the card ran at {c['sm_mhz']:.0f} MHz and {c['power_w']:.0f} W, held down by its "
+            f"power limit in {100 * c['power_capped']:.0f}% of the samples." if c else "")
+
+
 def format_profile(result: dict, top: int = 25) -> str:
     total = sum(result["groups"].values())
     out = [(f"Where a training step's time goes: ours, {result['model']}, {result['size']}, {result['N']} x "
@@ -388,7 +396,7 @@ def format_profile(result: dict, top: int = 25) -> str:
             (f"The step as timed alone: {result['timed_ms_per_step']:.2f} ms, of which the kernels above keep the "
              f"{result['device']} busy {100 * min(1.0, total / result['timed_ms_per_step']):.0f}%; issuing it takes the "
              f"host {result.get('host_ms_per_step', float('nan')):.2f} ms; "
-             f"{result['launches_per_step']:.0f} kernels (operators on a CPU) per step."), "",
+             f"{result['launches_per_step']:.0f} kernels (operators on a CPU) per step.{_clock_note(result)}"), "",
             f"Top {top} kernels", "| kernel | group | ms/step | calls/step |", "|---|---|---|---|"]
     for k in result["kernels"][:top]:
         out.append(f"| `{k['name'][:90]}` | {k['group']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |")

@@ -105,7 +105,9 @@ def test_profile_table_names_the_operators_behind_kernels():
     text = format_profile(result)
     assert "| `aten::sum` | 0.500 | 50 |" in text
     del result["operators"]
-    assert "ATen operators" not in format_profile(result)
+    assert "ATen operators" not in format_profile(result) and "MHz" not in format_profile(result)
+    result["clocks"] = {"sm_mhz": 1650, "power_w": 690.0, "power_capped": 0.95, "thermal": 0.0, "samples": 30}
+    assert "the card ran at 1650 MHz and 690 W, held down by its power limit in 95% of the samples" in format_profile(result)
 
 
 def test_device_gaps_measure_idle_time_between_kernels_over_the_steps():
