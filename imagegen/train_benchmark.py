@@ -369,10 +369,11 @@ def device_gaps(events, steps: int, top: int = 12) -> dict:
     for us, after, before in gaps:
         by_pair.setdefault((after, before), []).append(us)
     pairs = sorted(by_pair.items(), key=lambda kv: -sum(kv[1]))[:top]
-    first = spans[0][0] + (spans[-1][1] - spans[0][0]) * (steps // 2) / steps  # about where the middle step starts
+    span = spans[-1][1] - spans[0][0]
+    first = spans[0][0] + span * (steps // 2) / steps  # about where the middle step starts
     timeline = [[round(s - first, 2), round(e - s, 2), name] for s, e, name in spans
-                if first <= s < first + (spans[-1][1] - spans[0][0]) / steps]
-    return {"span_ms_per_step": (spans[-1][1] - spans[0][0]) / 1e3 / steps, "busy_ms_per_step": busy / 1e3 / steps,
+                if first <= s < first + span / steps]
+    return {"span_ms_per_step": span / 1e3 / steps, "busy_ms_per_step": busy / 1e3 / steps,
             "buckets": buckets, "longest": [{"us": us, "after": a, "before": b} for us, a, b in longest],
             "by_pair": [{"after": a, "before": b, "per_step": len(v) / steps, "ms_per_step": sum(v) / 1e3 / steps}
                         for (a, b), v in pairs],
