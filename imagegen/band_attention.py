@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from imagegen.kernel_op import attention_op
+from imagegen.kernel_op import attention_op, compile_options
 
 try:
     import triton
@@ -307,11 +307,6 @@ if triton is not None:
         _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh)
 
 
-def _compile(warps: int, stages: int, registers: int = 0) -> dict:
-    """A LAUNCH entry's compile options: warps, pipeline stages and, where set, a register limit per thread."""
-    return dict(num_warps=warps, num_stages=stages, **({"maxnreg": registers} if registers else {}))
-
-
 def _bnh(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, token, head) strides of a (B, N, h, D) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
@@ -324,7 +319,8 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N)
     bm, bn, *options = LAUNCH["fwd"]
     _band_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, **_compile(*options))
+                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D,
+                                           **compile_options(*options))
     return o, lse
 
 
@@ -347,17 +343,17 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if window <= block:  # one pass (query tile i sees key tiles i-1 and i)
         _band_bwd_strip[(triton.cdiv(N, block * strip), B * H)](
             q, k, v, o, grad_out, lse, dq, dk, dv, N, window, H, strip, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-            *_bnh(grad_out), *_bnh(dq), *scales, BLOCK=block, D=D, **_compile(*options))
+            *_bnh(grad_out), *_bnh(dq), *scales, BLOCK=block, D=D, **compile_options(*options))
         return
     delta = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N): rowsum(o * do)
     bm, bn, *options = LAUNCH["dq"]  # one program per query tile; writes delta first
     _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q),
                                               *_bnh(k), *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales,
-                                              BLOCK_M=bm, BLOCK_N=bn, D=D, **_compile(*options))
+                                              BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
     bm, bn, *options = LAUNCH["dkdv"]  # one program per key tile
     _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H,
                                                 *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales,
-                                                BLOCK_M=bm, BLOCK_N=bn, D=D, **_compile(*options))
+                                                BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
 
 
 def _forward_fake(q, k, v, window):

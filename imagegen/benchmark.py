@@ -13,6 +13,7 @@ import time
 import torch
 
 from imagegen.attention import Grid, attend
+from imagegen.cuda_graph import captured
 from imagegen.patterns import LayerSpec, PatternParams, build_mask
 
 # (label, grid, batch): DESIGN.md section 4 shapes
@@ -48,16 +49,12 @@ def time_ms(fn, quick: bool = False, warmup_ms: int = 100, rep_ms: int = 500) ->
 def graph_time_ms(fn, quick: bool = False) -> float:
     """Median milliseconds of fn() captured once as a CUDA graph and replayed: the GPU's own time for the
     work, without the Python and kernel-launch overhead that an eager call adds (CUDA only)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up off the default stream, as capture requires
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_ms(graph.replay, quick)
+    return time_ms(captured(fn, warmups=3).replay, quick)
+
+
+def repeated(fn, times: int):
+    """A callable that calls fn() `times` times in a row (e.g. to capture several calls in one graph)."""
+    return lambda: [fn() for _ in range(times)]
 
 
 def attention_call(spec: str, grid: Grid, batch: int, heads: int = 8, dim: int = 64, backend: str = "auto",
@@ -157,8 +154,8 @@ def self_device_us(event, own: bool = True) -> float:
     return getattr(event, f"{prefix}cuda_time_total", 0) if t is None else t
 
 
-def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
-    """GPU time per fn() of each kernel it launches (torch.profiler), slowest first."""
+def _profiled(fn, calls: int):
+    """torch.profiler's record of `calls` calls of fn() on the GPU, after one untraced call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -167,6 +164,18 @@ def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def launched_kernels(fn) -> list[str]:
+    """The names of the GPU work one call of fn launches (kernels and memsets), in order."""
+    events = [e for e in _profiled(fn, 1).events() if e.device_type.name == "CUDA"]
+    return [e.name for e in sorted(events, key=lambda e: e.time_range.start)]
+
+
+def kernel_ms(fn, calls: int = 5) -> dict[str, float]:
+    """GPU time per fn() of each kernel it launches (torch.profiler), slowest first."""
+    prof = _profiled(fn, calls)
     times = {}
     for evt in prof.key_averages():
         if evt.device_type.name == "CUDA" and self_device_us(evt) > 0:

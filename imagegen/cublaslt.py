@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from imagegen.cuda_graph import captured
+
 # cublasLt.h / cublas_api.h / library_types.h enum values
 _EPILOGUE_DEFAULT, _EPILOGUE_GELU_AUX = 1, 32 | 128
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_AUX_POINTER, _DESC_AUX_LD = 3, 4, 7, 11, 12
@@ -245,15 +247,7 @@ def _timed_ms(call, calls: int = 5) -> float:
 
 def _captured(call, calls: int) -> torch.cuda.CUDAGraph:
     """`calls` calls captured back to back in one CUDA graph, replayed once."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()  # warm-up
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
+    graph = captured(lambda: [call() for _ in range(calls)])
     graph.replay()
     return graph
 

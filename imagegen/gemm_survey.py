@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from imagegen.benchmark import graph_time_ms, time_ms
+from imagegen.benchmark import graph_time_ms, launched_kernels, repeated, time_ms
 
 
 def step_gemms(size: tuple) -> list[dict]:
@@ -47,23 +47,6 @@ def _operand(rows: int, cols: int, transposed: bool) -> torch.Tensor:
 _IN_GRAPH = 10  # calls captured back to back in one CUDA graph, as a training step's graph replays them
 
 
-def _repeated(fn):
-    return lambda: [fn() for _ in range(_IN_GRAPH)]
-
-
-def launched_kernels(fn) -> list[str]:
-    """The names of the GPU work one call of fn launches (kernels and memsets), in order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    return [e.name for e in sorted(events, key=lambda e: e.time_range.start)]
-
-
 def bench_gemms(size_index: int = 0) -> dict:
     from imagegen import cublaslt
     from imagegen.train_benchmark import SIZES
@@ -74,12 +57,12 @@ def bench_gemms(size_index: int = 0) -> dict:
         M, N, K = gemm["M"], gemm["N"], gemm["K"]
         a, b = _operand(M, K, gemm["a_t"]), _operand(K, N, gemm["b_t"])
         torch_mm = lambda a=a, b=b: torch.mm(a, b)
-        torch_ms, torch_graph_ms = time_ms(torch_mm), graph_time_ms(_repeated(torch_mm)) / _IN_GRAPH
+        torch_ms, torch_graph_ms = time_ms(torch_mm), graph_time_ms(repeated(torch_mm, _IN_GRAPH)) / _IN_GRAPH
         row = {**gemm, "torch_kernels": launched_kernels(torch_mm)}
         try:
             cublaslt.matmul(a, b)  # chooses the algorithm (times the candidates)
             lt_mm = lambda a=a, b=b: cublaslt.matmul(a, b)
-            lt_ms, lt_graph_ms = time_ms(lt_mm), graph_time_ms(_repeated(lt_mm)) / _IN_GRAPH
+            lt_ms, lt_graph_ms = time_ms(lt_mm), graph_time_ms(repeated(lt_mm, _IN_GRAPH)) / _IN_GRAPH
             row["cublaslt_kernels"] = launched_kernels(lt_mm)
         except (cublaslt.CublasLtError, ValueError) as e:
             lt_ms, lt_graph_ms, row["error"] = None, None, str(e)

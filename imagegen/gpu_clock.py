@@ -69,20 +69,21 @@ class ClockSampler:
         self.period_s, self.samples = period_s, []
         self._stop, self._thread = threading.Event(), None
 
-    def _read(self, lib, handle) -> tuple[int, float, int] | None:
+    @staticmethod
+    def _read(lib, handle, get_reasons) -> tuple[int, float, int] | None:
         mhz, mw, reasons = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_ulonglong()
         if (lib.nvmlDeviceGetClockInfo(handle, _CLOCK_SM, ctypes.byref(mhz)) != 0
                 or lib.nvmlDeviceGetPowerUsage(handle, ctypes.byref(mw)) != 0):
             return None
-        get_reasons = (getattr(lib, "nvmlDeviceGetCurrentClocksEventReasons", None)
-                       or getattr(lib, "nvmlDeviceGetCurrentClocksThrottleReasons", None))  # the older name
         if get_reasons is None or get_reasons(handle, ctypes.byref(reasons)) != 0:
             reasons.value = 0
         return mhz.value, mw.value / 1e3, reasons.value
 
     def _run(self, lib, handle) -> None:
+        get_reasons = (getattr(lib, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                       or getattr(lib, "nvmlDeviceGetCurrentClocksThrottleReasons", None))  # the older name
         while not self._stop.wait(self.period_s):
-            sample = self._read(lib, handle)
+            sample = self._read(lib, handle, get_reasons)
             if sample is not None:
                 self.samples.append(sample)
 

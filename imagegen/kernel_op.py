@@ -64,3 +64,14 @@ def attention_op(name: str, launch_forward: Callable, launch_backward: Callable,
         return Eager.apply(*args)
 
     return call, forward_op
+
+
+def compile_options(warps: int, stages: int | None = None, registers: int = 0) -> dict:
+    """A Triton launch's compile options: warps, pipeline stages (None: Triton's default) and, where set, a limit
+    on registers per thread (maxnreg; 0: the compiler's choice)."""
+    options = {"num_warps": warps}
+    if stages is not None:
+        options["num_stages"] = stages
+    if registers:
+        options["maxnreg"] = registers
+    return options

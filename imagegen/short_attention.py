@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from imagegen.kernel_op import attention_op
+from imagegen.kernel_op import attention_op, compile_options
 
 try:
     import triton
@@ -116,8 +116,7 @@ LAUNCH = {"fwd_warps": None, "bwd_warps": None, "fwd_registers": 0, "bwd_registe
 def _compile(seq_len: int, kernel: str = "fwd") -> dict:
     """The kernel's compile options: warps and, where LAUNCH sets one, a register limit."""
     chosen, registers = LAUNCH[f"{kernel}_warps"], LAUNCH[f"{kernel}_registers"]
-    warps = chosen if chosen is not None else (4 if seq_len <= 64 else 8)
-    return dict(num_warps=warps, **({"maxnreg": registers} if registers else {}))
+    return compile_options(chosen if chosen is not None else (4 if seq_len <= 64 else 8), registers=registers)
 
 
 def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

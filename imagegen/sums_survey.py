@@ -16,7 +16,7 @@ import functools
 import torch
 
 from imagegen import inductor_sums
-from imagegen.benchmark import graph_time_ms
+from imagegen.benchmark import graph_time_ms, repeated
 from imagegen.train_benchmark import SIZES
 
 # (rows per step, columns per program, warps) of the Triton kernel
@@ -30,11 +30,6 @@ def workspace_rows(tokens: int, sms: int) -> int:
     tokens // (8 * SMs) rounded down to a power of two, within 16..128)."""
     split = max(16, min(128, 1 << max(0, (tokens // (8 * sms)).bit_length() - 1)))
     return -(-tokens // split)
-
-
-def _repeat(fn, times: int) -> None:
-    for _ in range(times):
-        fn()
 
 
 def bench_sums(quick: bool = False) -> dict:
@@ -57,8 +52,7 @@ def bench_sums(quick: bool = False) -> dict:
             per_call = len(sums) if isinstance(sums, tuple) else 1
             err = max(((s.double() - ref).abs().max() / ref.abs().max()).item()
                       for s in (sums if per_call > 1 else (sums,)))
-            calls = functools.partial(_repeat, fn, CALLS)
-            row["ways"][name] = {"ms": graph_time_ms(calls, quick) / CALLS / per_call, "err": err}
+            row["ways"][name] = {"ms": graph_time_ms(repeated(fn, CALLS), quick) / CALLS / per_call, "err": err}
             print(label, name, row["ways"][name], flush=True)
         rows.append(row)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sums": rows}

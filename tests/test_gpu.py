@@ -182,7 +182,7 @@ def test_cublaslt_times_every_candidate_and_keeps_the_fastest(timing, M, monkeyp
     issues a memset exactly when it has that workspace; a first call under someone else's graph capture takes
     the heuristic's first answer."""
     from imagegen import cublaslt
-    from imagegen.gemm_survey import launched_kernels
+    from imagegen.benchmark import launched_kernels
 
     monkeypatch.setenv(cublaslt.TIMING_ENV, timing)
     torch.manual_seed(0)
