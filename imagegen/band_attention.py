@@ -5,9 +5,10 @@ backward, where the window fits one tile (a 64 x 64 palette row: 64 keys), is on
 strip of consecutive tiles, keeping the previous key tile and its dk, dv so far, so each input is read once
 and each gradient written once. Wider windows take two kernels without atomics: one program per query tile
 accumulates dq over its key tiles (and computes rowsum(o * do) for the other), then one program per key
-tile accumulates dk and dv over the query tiles that see it. Only the tiles at the window's two edges are
-masked: with a window of 192 (a 64 x 64 x 3 row) half of the tiles a query visits lie wholly inside the
-band and skip the mask. Inputs are the (B, N, heads, D) projection (strided slices allowed, last dim
+tile accumulates dk and dv over the query tiles that see it. Each kernel walks its tiles in one loop, every
+tile masked; with LAUNCH["one_loop"] emptied, only the tiles at the window's two edges are masked, in three
+runs of tiles (with a window of 192, a 64 x 64 x 3 row, half of the tiles a query visits lie wholly inside
+the band), which was slower on the GPU (see LAUNCH). Inputs are the (B, N, heads, D) projection (strided slices allowed, last dim
 contiguous); nothing is copied.
 
     y = band_attention(q, k, v, window=64)     # (B, N, h, D) -> (B, N, h, D) contiguous
@@ -43,12 +44,19 @@ except ImportError:
 # (benchmarks/h200c/final/tuning.md), and the GPU exactness tests pass with them (benchmarks/h200d/gpu_tests.log).
 # With the register limits below, N=12288 x 4 took 0.513 ms per call against 0.550 ms without, and N=4096 x 16 0.371
 # against 0.394 ms (the forward's limit and the strip setting; benchmarks/h200l/tune).
-LAUNCH = {"fwd": (64, 64, 4, 2, 128), "dkdv": (64, 64, 4, 2, 168), "dq": (64, 64, 4, 2, 128)}
+# Walking the tiles in one loop (LAUNCH["one_loop"] below), 3 stages ran 3-4% faster than 2 for the forward and
+# dk/dv at N=12288 x 4 (benchmarks/h200o/one_loop).
+LAUNCH = {"fwd": (64, 64, 4, 3, 128), "dkdv": (64, 64, 4, 3, 168), "dq": (64, 64, 4, 2, 128)}
 # The one-pass backward for windows of at most BLOCK keys: (BLOCK, tiles per strip, warps, pipeline stages);
 # BLOCK 0 turns it off (dq and dk/dv kernels for every window). On an H200 at N=4096 x 16, strips of 8 tiles
 # with 4 warps and 2 stages took 0.417 ms per call against 0.502 ms for the two kernels (benchmarks/h200g); since
 # the backward works on transposed tiles, strips of 16 tiles with 1 stage took 0.371 ms (benchmarks/h200l/tune).
 LAUNCH["strip"] = (64, 16, 4, 1)
+# The kernels that walk their tiles in one loop, every tile masked, instead of three runs (masked, inside the band
+# unmasked, masked). With a window of 192 keys each run has one or two tiles, and each run is a loop of its own
+# that the compiler pipelines apart (a tile's loads wait for nothing before them): in one loop, N=12288 x 4 took
+# 0.419 ms per call against 0.509 ms (benchmarks/h200o/one_loop); the masks cost less than the stalls they saved.
+LAUNCH["one_loop"] = ("fwd", "dq", "dkdv")
 # A version for windows of up to three tiles (192 keys), keeping three key tiles, was exact but 2.5x slower than
 # the two kernels at N=12288 x 4 (1.35 vs 0.53 ms; commit 528dc66, benchmarks/h200g/strip3), and was removed.
 
@@ -127,19 +135,23 @@ if triton is not None:
 
     @triton.jit
     def _band_fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, ONE_LOOP: tl.constexpr):
         m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
         m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
         lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
-        m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, lo, inner, N, W, skb, skn, skh, svb, svn, svh,
-                                 qk_scale, BLOCK_N, True)
-        m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, inner, diagonal, N, W, skb, skn, skh, svb, svn,
-                                 svh, qk_scale, BLOCK_N, False)
-        m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, diagonal, end, N, W, skb, skn, skh, svb, svn,
-                                 svh, qk_scale, BLOCK_N, True)
+        if ONE_LOOP:  # every tile masked, in one loop the compiler can pipeline
+            m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, lo, end, N, W, skb, skn, skh, svb, svn,
+                                     svh, qk_scale, BLOCK_N, True)
+        else:
+            m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, lo, inner, N, W, skb, skn, skh, svb, svn,
+                                     svh, qk_scale, BLOCK_N, True)
+            m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, inner, diagonal, N, W, skb, skn, skh, svb,
+                                     svn, svh, qk_scale, BLOCK_N, False)
+            m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, diagonal, end, N, W, skb, skn, skh, svb,
+                                     svn, svh, qk_scale, BLOCK_N, True)
         l_i = tl.where(qs < N, l_i, 1.0)  # rows past the end saw no key; they are not stored
         o = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + qs[:, None] * son + d[None, :], o.to(O.dtype.element_ty),
@@ -183,19 +195,23 @@ if triton is not None:
     @triton.jit
     def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                        sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, D: tl.constexpr):
+                       BLOCK_N: tl.constexpr, D: tl.constexpr, ONE_LOOP: tl.constexpr):
         n0, bh, b, h, ks, d = _this_tile(H, BLOCK_N, D)
         k = _tile(K, b, h, ks, d, N, skb, skn, skh)
         v = _tile(V, b, h, ks, d, N, svb, svn, svh)
         dk = tl.zeros((BLOCK_N, D), tl.float32)
         dv = tl.zeros((BLOCK_N, D), tl.float32)
         start, inner, outer, end = _query_tile_phases(n0, N, W, BLOCK_M, BLOCK_N)
-        dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, inner, N, W, sqb, sqn, sqh,
-                           sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
-        dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, inner, outer, N, W, sqb, sqn, sqh,
-                           sdb, sdn, sdh, qk_scale, scale, BLOCK_M, False)
-        dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, outer, end, N, W, sqb, sqn, sqh,
-                           sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
+        if ONE_LOOP:
+            dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, end, N, W, sqb, sqn, sqh,
+                               sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
+        else:
+            dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, inner, N, W, sqb, sqn, sqh,
+                               sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
+            dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, inner, outer, N, W, sqb, sqn, sqh,
+                               sdb, sdn, sdh, qk_scale, scale, BLOCK_M, False)
+            dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, outer, end, N, W, sqb, sqn, sqh,
+                               sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
         out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(ks < N)[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
@@ -215,7 +231,7 @@ if triton is not None:
     @triton.jit
     def _band_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                      sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, D: tl.constexpr):
+                     BLOCK_N: tl.constexpr, D: tl.constexpr, ONE_LOOP: tl.constexpr):
         """dq of one query tile; it also computes and stores delta = rowsum(o * do) of its queries, which
         the dk/dv kernel (launched after it) reads."""
         m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
@@ -227,12 +243,16 @@ if triton is not None:
         lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
         dq = tl.zeros((BLOCK_M, D), tl.float32)
         lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
-        dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, lo, inner, N, W, skb, skn, skh, svb, svn, svh,
-                     qk_scale, scale, BLOCK_N, True)
-        dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, inner, diagonal, N, W, skb, skn, skh, svb, svn, svh,
-                     qk_scale, scale, BLOCK_N, False)
-        dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, diagonal, end, N, W, skb, skn, skh, svb, svn, svh,
-                     qk_scale, scale, BLOCK_N, True)
+        if ONE_LOOP:
+            dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, lo, end, N, W, skb, skn, skh, svb, svn, svh,
+                         qk_scale, scale, BLOCK_N, True)
+        else:
+            dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, lo, inner, N, W, skb, skn, skh, svb, svn, svh,
+                         qk_scale, scale, BLOCK_N, True)
+            dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, inner, diagonal, N, W, skb, skn, skh, svb, svn,
+                         svh, qk_scale, scale, BLOCK_N, False)
+            dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, diagonal, end, N, W, skb, skn, skh, svb, svn,
+                         svh, qk_scale, scale, BLOCK_N, True)
         tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=(qs < N)[:, None])
 
@@ -320,7 +340,7 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bm, bn, *options = LAUNCH["fwd"]
     _band_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
                                            LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D,
-                                           **compile_options(*options))
+                                           ONE_LOOP="fwd" in LAUNCH["one_loop"], **compile_options(*options))
     return o, lse
 
 
@@ -349,11 +369,13 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     bm, bn, *options = LAUNCH["dq"]  # one program per query tile; writes delta first
     _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q),
                                               *_bnh(k), *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales,
-                                              BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
+                                              BLOCK_M=bm, BLOCK_N=bn, D=D, ONE_LOOP="dq" in LAUNCH["one_loop"],
+                                              **compile_options(*options))
     bm, bn, *options = LAUNCH["dkdv"]  # one program per key tile
     _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H,
                                                 *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales,
-                                                BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
+                                                BLOCK_M=bm, BLOCK_N=bn, D=D, ONE_LOOP="dkdv" in LAUNCH["one_loop"],
+                                                **compile_options(*options))
 
 
 def _forward_fake(q, k, v, window):

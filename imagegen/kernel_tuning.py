@@ -26,6 +26,8 @@ BAND_CHOICES = [(bm, bn, warps, stages) for (bm, bn), warps, stages in
 BAND_CHOICES += [(64, 64, 4, stages, registers) for stages, registers in itertools.product((2, 3), (168, 128))]
 STRIP_CHOICES = [(64, strip, warps, stages) for strip, warps, stages in itertools.product((4, 8, 16), (4, 8), (1, 2))]
 STRIP_CHOICES += [(64, strip, 4, 2, registers) for strip, registers in itertools.product((4, 8), (168, 128))]
+# which band kernels walk their key (or query) tiles in one masked loop rather than three runs
+ONE_LOOP_CHOICES = [(), ("fwd",), ("dq",), ("dkdv",), ("fwd", "dq", "dkdv")]
 FWD_WARPS = (1, 2, 4, 8)
 BWD_WARPS = (2, 4, 8)
 FWD_REGISTERS = (0, 64)  # 0: the compiler's choice
@@ -64,9 +66,10 @@ def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batc
 
 
 def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
-    options = {kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}
+    options = {"one_loop": ONE_LOOP_CHOICES, **{kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}}
     if grid.row_len <= band_attention.LAUNCH["strip"][0]:  # the one-pass backward runs instead of dkdv and dq
-        options = {"fwd": BAND_CHOICES, "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
+        options = {"one_loop": [(), ("fwd",)], "fwd": BAND_CHOICES,
+                   "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
     return _coordinate_descent(band_attention.LAUNCH, options, "local", grid, batch, quick)
 
 
@@ -109,8 +112,8 @@ def format_tuning(result: dict) -> str:
         out += ["", f"{r['shape']}: band kernel best {r['band']['best']}; short kernel best {r['short']['best']}"]
         for kernel, times in r["band"]["tried"].items():
             ranked = sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9)
-            fields = "(BLOCK, tiles per strip, warps, stages[, registers])" if kernel == "strip" else \
-                "(BLOCK_M, BLOCK_N, warps, stages[, registers])"
+            fields = {"strip": "(BLOCK, tiles per strip, warps, stages[, registers])",
+                      "one_loop": "(kernels in one masked loop)"}.get(kernel, "(BLOCK_M, BLOCK_N, warps, stages[, registers])")
             out.append(f"- band {kernel} {fields}: "
                        + ", ".join(f"{k} {_ms(v)}" for k, v in ranked[:6]))
         for key, times in r["short"]["tried"].items():

@@ -49,10 +49,16 @@ def test_backend_equals_reference_in_bf16(grid, spec, backend):
     assert max(errs) < 2e-2
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton", "flash"])
-def test_wide_local_window_equals_reference_in_bf16(backend):
+@pytest.mark.parametrize("backend,one_loop", [("auto", None), ("triton", ()), ("triton", ("fwd", "dq", "dkdv")),
+                                              ("flash", None)], ids=["auto", "triton-runs", "triton-one-loop", "flash"])
+def test_wide_local_window_equals_reference_in_bf16(backend, one_loop, monkeypatch):
     """Rows of 64 x 3 tokens (a window of 192 keys, as at N=12288): half of the tiles a query visits in the
-    band kernel lie wholly inside the band and skip the mask."""
+    band kernel lie wholly inside the band and skip the mask (three runs of tiles), or every tile is masked in
+    one loop (band_attention.LAUNCH["one_loop"])."""
+    from imagegen import band_attention
+
+    if one_loop is not None:
+        monkeypatch.setitem(band_attention.LAUNCH, "one_loop", one_loop)
     torch.manual_seed(0)
     grid, params = Grid(8, 64, 3), PatternParams(rows=1)
     q, k, v, g = (torch.randn(2, grid.num_tokens, 4, 64, device="cuda") for _ in range(4))
