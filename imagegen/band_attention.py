@@ -17,7 +17,9 @@ Runs on CUDA in bf16/fp16 (`band_attention_runs`); its exactness is tested in Tr
 (fp32) and on the GPU. `auto` and `backend=triton` run `local` with it. On an H200 (README,
 `scripts/benchmark.py calls`) one call, forward + backward, took 0.54 ms of GPU time at N=4096 x 16 and
 N=12288 x 4 with the two-kernel backward, against 0.83 and 0.90 ms for FlashAttention-2's sliding window;
-the one-pass backward brought N=4096 x 16 to 0.42 ms (`scripts/benchmark.py tune`, benchmarks/h200g).
+the one-pass backward brought N=4096 x 16 to 0.42 ms (`scripts/benchmark.py tune`, benchmarks/h200g); walking
+each kernel's tiles in one loop and testing the band in one comparison, 0.40 ms at N=12288 x 4 and 0.31 ms at
+N=4096 x 16 (benchmarks/h200o).
 Under torch.compile the kernels are custom ops; eager calls go through an autograd.Function, because the
 custom ops' dispatch cost more host time than the kernels' GPU time (which made eager timings vary from
 0.55 to 1.06 ms).
@@ -44,14 +46,16 @@ except ImportError:
 # (benchmarks/h200c/final/tuning.md), and the GPU exactness tests pass with them (benchmarks/h200d/gpu_tests.log).
 # With the register limits below, N=12288 x 4 took 0.513 ms per call against 0.550 ms without, and N=4096 x 16 0.371
 # against 0.394 ms (the forward's limit and the strip setting; benchmarks/h200l/tune).
-# Walking the tiles in one loop (LAUNCH["one_loop"] below), 3 stages ran 3-4% faster than 2 for the forward and
-# dk/dv at N=12288 x 4 (benchmarks/h200o/one_loop).
-LAUNCH = {"fwd": (64, 64, 4, 3, 128), "dkdv": (64, 64, 4, 3, 168), "dq": (64, 64, 4, 2, 128)}
+# Walking the tiles in one loop (LAUNCH["one_loop"] below) with the band test in one comparison (_band), at
+# N=12288 x 4 the forward took 3 stages, dq 3 stages and 168 registers (0.378 ms per call against 0.385 ms with 2
+# stages and 128; benchmarks/h200o/mask).
+LAUNCH = {"fwd": (64, 64, 4, 3, 128), "dkdv": (64, 64, 4, 2, 168), "dq": (64, 64, 4, 3, 168)}
 # The one-pass backward for windows of at most BLOCK keys: (BLOCK, tiles per strip, warps, pipeline stages);
 # BLOCK 0 turns it off (dq and dk/dv kernels for every window). On an H200 at N=4096 x 16, strips of 8 tiles
 # with 4 warps and 2 stages took 0.417 ms per call against 0.502 ms for the two kernels (benchmarks/h200g); since
 # the backward works on transposed tiles, strips of 16 tiles with 1 stage took 0.371 ms (benchmarks/h200l/tune).
-LAUNCH["strip"] = (64, 16, 4, 1)
+# With the band test in one comparison, 2 stages took 0.308 ms against 0.363 ms for 1 (benchmarks/h200o/mask).
+LAUNCH["strip"] = (64, 16, 4, 2)
 # The kernels that walk their tiles in one loop, every tile masked, instead of three runs (masked, inside the band
 # unmasked, masked). With a window of 192 keys each run has one or two tiles, and each run is a loop of its own
 # that the compiler pipelines apart (a tile's loads wait for nothing before them): in one loop, N=12288 x 4 took
@@ -83,10 +87,12 @@ if triton is not None:
         return start, bh, bh // H, bh % H, start + tl.arange(0, BLOCK), tl.arange(0, D)
 
     @triton.jit
-    def _band(qs, ks, N, W):
-        """(len(qs), len(ks)) bool: key k is inside the band of query q, and both exist."""
-        dist = qs[:, None] - ks[None, :]
-        return (dist >= 0) & (dist < W) & (ks < N)[None, :] & (qs < N)[:, None]
+    def _band(qs, ks, W):
+        """(len(qs), len(ks)) bool: key k is inside the band of query q, 0 <= q - k < W, in one unsigned comparison.
+        Keys past N need no test of their own: every query that exists comes before them (q - k < 0). Queries
+        past N are never stored, and their rows of q, do, lse and delta load as zeros, so they add nothing to dk
+        and dv."""
+        return (qs[:, None] - ks[None, :]).to(tl.uint32, bitcast=True) < W  # W promotes to unsigned
 
     @triton.jit
     def _key_tile_phases(m0, N, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -114,13 +120,14 @@ if triton is not None:
 
     @triton.jit
     def _fwd_step(q, k, v, m_i, l_i, acc, qs, ks, N, W, qk_scale, MASKED: tl.constexpr):
-        """One key tile of the online softmax (base 2)."""
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        """One key tile of the online softmax (base 2). The running maximum m_i is kept in unscaled scores, so
+        that scaling and subtracting it are one fused multiply-add per score."""
+        s = tl.dot(q, tl.trans(k))
         if MASKED:
-            s = tl.where(_band(qs, ks, N, W), s, float("-inf"))
+            s = tl.where(_band(qs, ks, W), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s * qk_scale - (m_new * qk_scale)[:, None])
+        alpha = tl.math.exp2((m_i - m_new) * qk_scale)
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
@@ -156,20 +163,21 @@ if triton is not None:
         o = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + qs[:, None] * son + d[None, :], o.to(O.dtype.element_ty),
                  mask=(qs < N)[:, None])
-        tl.store(LSE + bh * N + qs, m_i + tl.math.log2(l_i), mask=qs < N)  # base-2 log-sum-exp
+        tl.store(LSE + bh * N + qs, m_i * qk_scale + tl.math.log2(l_i), mask=qs < N)  # base-2 log-sum-exp
 
     @triton.jit
-    def _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, scale, MASKED: tl.constexpr):
-        """The tile's attention probabilities p (recomputed) and score gradients ds = p * (dp - delta)."""
+    def _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, MASKED: tl.constexpr):
+        """The tile's attention probabilities p (recomputed) and score gradients ds = p * (dp - delta), without
+        the softmax scale: the kernels apply it once to the summed dq and dk."""
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where(_band(qs, ks, N, W), p, 0.0)
+            p = tl.where(_band(qs, ks, W), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
-        return p, (p * (dp - delta[:, None]) * scale).to(q.dtype)
+        return p, (p * (dp - delta[:, None])).to(q.dtype)
 
     @triton.jit
     def _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, stop, N, W, sqb, sqn, sqh, sdb, sdn,
-                  sdh, qk_scale, scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+                  sdh, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
         """dk and dv of one key tile, accumulated over query tiles start, start+BLOCK_M, ... < stop. It works on
         the transposed tile (keys x queries): p^T and ds^T come out of their dots in the layout the next dots
         take as their first operand, so nothing is transposed in registers (through shared memory)."""
@@ -185,10 +193,10 @@ if triton is not None:
                 delta = tl.load(DELTA + bh * N + qs)
             pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
             if MASKED:
-                pt = tl.where(tl.trans(_band(qs, ks, N, W)), pt, 0.0)
+                pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(v, tl.trans(do))
-            dst = (pt * (dpt - delta[None, :]) * scale).to(q.dtype)
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # unscaled: dk is scaled once, when stored
             dk += tl.dot(dst, q)
         return dk, dv
 
@@ -204,27 +212,27 @@ if triton is not None:
         start, inner, outer, end = _query_tile_phases(n0, N, W, BLOCK_M, BLOCK_N)
         if ONE_LOOP:
             dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, end, N, W, sqb, sqn, sqh,
-                               sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
+                               sdb, sdn, sdh, qk_scale, BLOCK_M, True)
         else:
             dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, inner, N, W, sqb, sqn, sqh,
-                               sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
+                               sdb, sdn, sdh, qk_scale, BLOCK_M, True)
             dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, inner, outer, N, W, sqb, sqn, sqh,
-                               sdb, sdn, sdh, qk_scale, scale, BLOCK_M, False)
+                               sdb, sdn, sdh, qk_scale, BLOCK_M, False)
             dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, outer, end, N, W, sqb, sqn, sqh,
-                               sdb, sdn, sdh, qk_scale, scale, BLOCK_M, True)
+                               sdb, sdn, sdh, qk_scale, BLOCK_M, True)
         out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
-        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=(ks < N)[:, None])
+        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=(ks < N)[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
 
     @triton.jit
     def _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, start, stop, N, W, skb, skn, skh, svb, svn, svh,
-                qk_scale, scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+                qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
         """dq of one query tile, accumulated over key tiles start, start+BLOCK_N, ... < stop."""
         for n0 in range(start, stop, BLOCK_N):
             ks = n0 + tl.arange(0, BLOCK_N)
             k = _tile(K, b, h, ks, d, N, skb, skn, skh)
             _, ds = _probs_and_grads(q, k, _tile(V, b, h, ks, d, N, svb, svn, svh), do, lse, delta, qs, ks, N, W,
-                                     qk_scale, scale, MASKED)
+                                     qk_scale, MASKED)
             dq += tl.dot(ds, k)
         return dq
 
@@ -245,25 +253,26 @@ if triton is not None:
         lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
         if ONE_LOOP:
             dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, lo, end, N, W, skb, skn, skh, svb, svn, svh,
-                         qk_scale, scale, BLOCK_N, True)
+                         qk_scale, BLOCK_N, True)
         else:
             dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, lo, inner, N, W, skb, skn, skh, svb, svn, svh,
-                         qk_scale, scale, BLOCK_N, True)
+                         qk_scale, BLOCK_N, True)
             dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, inner, diagonal, N, W, skb, skn, skh, svb, svn,
-                         svh, qk_scale, scale, BLOCK_N, False)
+                         svh, qk_scale, BLOCK_N, False)
             dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, diagonal, end, N, W, skb, skn, skh, svb, svn,
-                         svh, qk_scale, scale, BLOCK_N, True)
-        tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
+                         svh, qk_scale, BLOCK_N, True)
+        tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=(qs < N)[:, None])
 
     @triton.jit
-    def _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale, scale):
-        """One (query tile, key tile) pair of the strip backward: its share of dq, dk and dv. It works on the
-        transposed tile (keys x queries), as _dkdv_run: only ds is transposed in registers, for dq."""
+    def _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale):
+        """One (query tile, key tile) pair of the strip backward: its share of dq, dk (both without the softmax
+        scale, applied when they are stored) and dv. It works on the transposed tile (keys x queries), as
+        _dkdv_run: only ds is transposed in registers, for dq."""
         pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-        pt = tl.where(tl.trans(_band(qs, ks, N, W)), pt, 0.0)
+        pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
-        dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :]) * scale).to(q.dtype)
+        dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
         dk += tl.dot(dst, q)
         dq += tl.dot(tl.trans(dst), k)
         return dq, dk, dv
@@ -277,11 +286,12 @@ if triton is not None:
         return q, do, tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0), delta
 
     @triton.jit
-    def _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh):
-        """dk, dv of a complete key tile, unless the strip before owns it (ks < first) or it lies past N."""
+    def _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh, scale):
+        """dk (times the softmax scale), dv of a complete key tile, unless the strip before owns it (ks < first)
+        or it lies past N."""
         out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
         mine = ((ks >= first) & (ks < N))[:, None]
-        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mine)
+        tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mine)
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mine)
 
     @triton.jit
@@ -309,22 +319,22 @@ if triton is not None:
             q, do, lse, delta = _strip_queries(Q, O, DO, LSE, b, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh,
                                                sdb, sdn, sdh)
             dq = tl.zeros((BLOCK, D), tl.float32)
-            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale, scale)
-            _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh)  # key tile i-1 is complete
+            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale)
+            _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh, scale)  # key tile i-1 is complete
             ks = qs
             k = _tile(K, b, h, ks, d, N, skb, skn, skh)
             v = _tile(V, b, h, ks, d, N, svb, svn, svh)
             dk = tl.zeros((BLOCK, D), tl.float32)
             dv = tl.zeros((BLOCK, D), tl.float32)
-            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale, scale)
-            tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], dq.to(DQ.dtype.element_ty),
+            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale)
+            tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                      mask=(qs < N)[:, None])
         qs = stop + tl.arange(0, BLOCK)  # the next strip's first query tile: its share of the last key tile
         q, do, lse, delta = _strip_queries(Q, O, DO, LSE, b, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh,
                                            sdb, sdn, sdh)
         _, dk, dv = _strip_pair(q, do, lse, delta, k, v, tl.zeros((BLOCK, D), tl.float32), dk, dv, qs, ks, N, W,
-                                qk_scale, scale)
-        _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh)
+                                qk_scale)
+        _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh, scale)
 
 
 def _bnh(t: torch.Tensor) -> tuple[int, int, int]:
