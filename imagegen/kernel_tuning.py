@@ -4,11 +4,10 @@ For the band kernel of `local` (imagegen.band_attention) it searches each of its
 then dk/dv and dq, or the one-pass backward where the window fits one tile) over tile shapes, strip lengths,
 warps and pipeline stages, keeping the best so far for the others (coordinate descent); for the
 short-sequence kernel of `column` (imagegen.short_attention) it tries the warps of its forward and backward
-kernel, their register limits, and how many sequences each program walks (with how many pipeline stages).
-Every time is one attention call, forward + backward, on the shapes of the attention table, replayed as a
-CUDA graph (GPU time: an eager call of these kernels is bound by the host), next to what `auto` runs today
-on the same shapes. The settings found are printed, not applied: the defaults in those modules are edited
-by hand from a run's output.
+kernel. Every time is one attention call, forward + backward, on the
+shapes of the attention table, replayed as a CUDA graph (GPU time: an eager call of these kernels is
+bound by the host), next to what `auto` runs today on the same shapes. The settings found
+are printed, not applied: the defaults in those modules are edited by hand from a run's output.
 """
 
 from __future__ import annotations
@@ -33,8 +32,6 @@ FWD_WARPS = (1, 2, 4, 8)
 BWD_WARPS = (2, 4, 8)
 FWD_REGISTERS = (0, 64)  # 0: the compiler's choice
 BWD_REGISTERS = (0, 128)
-# (sequences a program, pipeline stages) of the short-sequence kernels
-SHORT_LOOPS = ((1, None), (2, 2), (4, 2), (8, 2), (4, 3), (16, 2))
 
 
 def _timed(spec: str, grid: Grid, batch: int, backend: str) -> float | str:
@@ -78,7 +75,7 @@ def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
 
 def tune_short(grid: Grid, batch: int, quick: bool = False) -> dict:
     options = {"fwd_warps": FWD_WARPS, "bwd_warps": BWD_WARPS, "fwd_registers": FWD_REGISTERS,
-               "bwd_registers": BWD_REGISTERS, "fwd_loop": SHORT_LOOPS, "bwd_loop": SHORT_LOOPS}
+               "bwd_registers": BWD_REGISTERS}
     return _coordinate_descent(short_attention.LAUNCH, options, "column", grid, batch, quick)
 
 

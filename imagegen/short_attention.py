@@ -44,11 +44,12 @@ def short_attention_runs(q: torch.Tensor, seq_len: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _sequence(seq, n_seq, n1, n2, S, BLOCK_S: tl.constexpr, D: tl.constexpr):
-        """Sequence number `seq` = (i0 * n1 + i1) * n2 + i2: (i0, i1, i2, positions, head-dim range, positions
-        < S of a sequence that exists)."""
+    def _this_sequence(n1, n2, S, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        """The sequence this program owns: (pid, i0, i1, i2, positions, head-dim range, positions < S),
+        where program id = (i0 * n1 + i1) * n2 + i2."""
+        pid = tl.program_id(0)
         s = tl.arange(0, BLOCK_S)
-        return seq // (n1 * n2), (seq // n2) % n1, seq % n2, s, tl.arange(0, D), (s < S) & (seq < n_seq)
+        return pid, pid // (n1 * n2), (pid // n2) % n1, pid % n2, s, tl.arange(0, D), s < S
 
     @triton.jit
     def _load(ptr, i0, i1, i2, s, d, inside, st0, st1, st2, st3):
@@ -57,21 +58,9 @@ if triton is not None:
                        other=0.0)
 
     @triton.jit
-    def _short_fwd(Q, K, V, O, LSE, n_seq, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
-                   so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr, SEQS: tl.constexpr):
-        """SEQS sequences a program, one after the other (in a loop the compiler pipelines where SEQS > 1)."""
-        if SEQS == 1:
-            _fwd_sequence(Q, K, V, O, LSE, tl.program_id(0), n_seq, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2,
-                          sk3, sv0, sv1, sv2, sv3, so0, so1, so2, so3, scale, BLOCK_S, D)
-        else:
-            for g in range(SEQS):
-                _fwd_sequence(Q, K, V, O, LSE, tl.program_id(0) * SEQS + g, n_seq, n1, n2, S, sq0, sq1, sq2, sq3,
-                              sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, so0, so1, so2, so3, scale, BLOCK_S, D)
-
-    @triton.jit
-    def _fwd_sequence(Q, K, V, O, LSE, seq, n_seq, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2,
-                      sv3, so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr):
-        i0, i1, i2, s, d, inside = _sequence(seq, n_seq, n1, n2, S, BLOCK_S, D)
+    def _short_fwd(Q, K, V, O, LSE, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+                   so0, so1, so2, so3, scale, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        pid, i0, i1, i2, s, d, inside = _this_sequence(n1, n2, S, BLOCK_S, D)
         q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
         k = _load(K, i0, i1, i2, s, d, inside, sk0, sk1, sk2, sk3)
         v = _load(V, i0, i1, i2, s, d, inside, sv0, sv1, sv2, sv3)
@@ -84,34 +73,19 @@ if triton is not None:
         o = tl.dot(p.to(v.dtype), v) / denom[:, None]
         tl.store(O + i0 * so0 + i1 * so2 + i2 * so3 + s[:, None] * so1 + d[None, :], o.to(O.dtype.element_ty),
                  mask=inside[:, None])
-        tl.store(LSE + seq * BLOCK_S + s, m + tl.log(denom), mask=seq < n_seq)
+        tl.store(LSE + pid * BLOCK_S + s, m + tl.log(denom))
 
     @triton.jit
-    def _short_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, n_seq, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3,
+    def _short_bwd(Q, K, V, O, DO, LSE, DQ, DK, DV, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3,
                    sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1, sg2, sg3, scale,
-                   BLOCK_S: tl.constexpr, D: tl.constexpr, SEQS: tl.constexpr):
-        """SEQS sequences a program, as _short_fwd."""
-        if SEQS == 1:
-            _bwd_sequence(Q, K, V, O, DO, LSE, DQ, DK, DV, tl.program_id(0), n_seq, n1, n2, S, sq0, sq1, sq2, sq3,
-                          sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1,
-                          sg2, sg3, scale, BLOCK_S, D)
-        else:
-            for g in range(SEQS):
-                _bwd_sequence(Q, K, V, O, DO, LSE, DQ, DK, DV, tl.program_id(0) * SEQS + g, n_seq, n1, n2, S, sq0,
-                              sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1,
-                              sd2, sd3, sg0, sg1, sg2, sg3, scale, BLOCK_S, D)
-
-    @triton.jit
-    def _bwd_sequence(Q, K, V, O, DO, LSE, DQ, DK, DV, seq, n_seq, n1, n2, S, sq0, sq1, sq2, sq3, sk0, sk1, sk2,
-                      sk3, sv0, sv1, sv2, sv3, so0, so1, so2, so3, sd0, sd1, sd2, sd3, sg0, sg1, sg2, sg3, scale,
-                      BLOCK_S: tl.constexpr, D: tl.constexpr):
-        i0, i1, i2, s, d, inside = _sequence(seq, n_seq, n1, n2, S, BLOCK_S, D)
+                   BLOCK_S: tl.constexpr, D: tl.constexpr):
+        pid, i0, i1, i2, s, d, inside = _this_sequence(n1, n2, S, BLOCK_S, D)
         q = _load(Q, i0, i1, i2, s, d, inside, sq0, sq1, sq2, sq3)
         k = _load(K, i0, i1, i2, s, d, inside, sk0, sk1, sk2, sk3)
         v = _load(V, i0, i1, i2, s, d, inside, sv0, sv1, sv2, sv3)
         o = _load(O, i0, i1, i2, s, d, inside, so0, so1, so2, so3)
         do = _load(DO, i0, i1, i2, s, d, inside, sd0, sd1, sd2, sd3)
-        lse = tl.load(LSE + seq * BLOCK_S + s, mask=seq < n_seq, other=0.0)
+        lse = tl.load(LSE + pid * BLOCK_S + s)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (S,)
         # on the transposed scores (keys x queries): p^T and ds^T come out of their dots in the layout the dots
         # for dv and dk take as their first operand; only ds is transposed (for dq)
@@ -136,21 +110,16 @@ def _block(seq_len: int) -> int:
 # `scripts/benchmark.py tune` times the alternatives on the GPU.
 # On an H200 the backward's limit of 128 registers (3 -> 4 programs per SM) took 0.172 against 0.179 ms per call at
 # N=12288 x 4 and 0.215 against 0.223 ms at N=4096 x 16 (benchmarks/h200l/tune).
+# Programs that walk several sequences in a pipelined loop (2 to 16 a program, 2 or 3 stages) were exact but slower
+# on an H200: at N=12288 x 4, 0.184-0.187 ms per call for the forward's choices and 0.210-0.223 ms for the
+# backward's, against 0.173 ms for one sequence a program (commit b3bda09, benchmarks/h200o/short_loop); removed.
 LAUNCH = {"fwd_warps": None, "bwd_warps": None, "fwd_registers": 0, "bwd_registers": 128}
-# Sequences a program and pipeline stages (None: Triton's default) for each kernel: with more than one sequence a
-# program walks them in a loop, so that the loads of the next overlap the work on this one.
-LAUNCH.update(fwd_loop=(1, None), bwd_loop=(1, None))
 
 
 def _compile(seq_len: int, kernel: str = "fwd") -> dict:
-    """The kernel's compile options: warps, pipeline stages and, where LAUNCH sets one, a register limit."""
+    """The kernel's compile options: warps and, where LAUNCH sets one, a register limit."""
     chosen, registers = LAUNCH[f"{kernel}_warps"], LAUNCH[f"{kernel}_registers"]
-    return compile_options(chosen if chosen is not None else (4 if seq_len <= 64 else 8), LAUNCH[f"{kernel}_loop"][1],
-                           registers=registers)
-
-
-def _grid(n_seq: int, kernel: str) -> tuple[int]:
-    return (triton.cdiv(n_seq, LAUNCH[f"{kernel}_loop"][0]),)
+    return compile_options(chosen if chosen is not None else (4 if seq_len <= 64 else 8), registers=registers)
 
 
 def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,9 +127,9 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (n0, S, n1, n2, D)
     block = _block(S)
     lse = torch.empty(n0 * n1 * n2 * block, dtype=torch.float32, device=q.device)
-    _short_fwd[_grid(n0 * n1 * n2, "fwd")](
-        q, k, v, o, lse, n0 * n1 * n2, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *o.stride()[:4],
-        1.0 / math.sqrt(D), BLOCK_S=block, D=D, SEQS=LAUNCH["fwd_loop"][0], **_compile(S))
+    _short_fwd[(n0 * n1 * n2,)](
+        q, k, v, o, lse, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *o.stride()[:4],
+        1.0 / math.sqrt(D), BLOCK_S=block, D=D, **_compile(S))
     return o, lse
 
 
@@ -178,10 +147,10 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     n0, S, n1, n2, D = q.shape
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    _short_bwd[_grid(n0 * n1 * n2, "bwd")](
-        q, k, v, o, grad_out, lse, dq, dk, dv, n0 * n1 * n2, n1, n2, S, *q.stride()[:4], *k.stride()[:4],
-        *v.stride()[:4], *o.stride()[:4], *grad_out.stride()[:4], *dq.stride()[:4], 1.0 / math.sqrt(D),
-        BLOCK_S=_block(S), D=D, SEQS=LAUNCH["bwd_loop"][0], **_compile(S, "bwd"))
+    _short_bwd[(n0 * n1 * n2,)](
+        q, k, v, o, grad_out, lse, dq, dk, dv, n1, n2, S, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
+        *o.stride()[:4], *grad_out.stride()[:4], *dq.stride()[:4], 1.0 / math.sqrt(D),
+        BLOCK_S=_block(S), D=D, **_compile(S, "bwd"))
 
 
 def _forward_fake(q, k, v):
