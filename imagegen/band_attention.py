@@ -8,8 +8,8 @@ accumulates dq over its key tiles (and computes rowsum(o * do) for the other), t
 tile accumulates dk and dv over the query tiles that see it. Each kernel walks its tiles in one loop, every
 tile masked; with LAUNCH["one_loop"] emptied, only the tiles at the window's two edges are masked, in three
 runs of tiles (with a window of 192, a 64 x 64 x 3 row, half of the tiles a query visits lie wholly inside
-the band), which was slower on the GPU (see LAUNCH). Inputs are the (B, N, heads, D) projection (strided slices allowed, last dim
-contiguous); nothing is copied.
+the band), which was slower on the GPU (see LAUNCH). Inputs are the (B, N, heads, D) projection (strided
+slices allowed, last dim contiguous); nothing is copied.
 
     y = band_attention(q, k, v, window=64)     # (B, N, h, D) -> (B, N, h, D) contiguous
 
@@ -159,7 +159,7 @@ if triton is not None:
                                      svn, svh, qk_scale, BLOCK_N, False)
             m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, diagonal, end, N, W, skb, skn, skh, svb,
                                      svn, svh, qk_scale, BLOCK_N, True)
-        l_i = tl.where(qs < N, l_i, 1.0)  # rows past the end saw no key; they are not stored
+        l_i = tl.where(qs < N, l_i, 1.0)  # rows past the end are not stored (and never divide by zero)
         o = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + qs[:, None] * son + d[None, :], o.to(O.dtype.element_ty),
                  mask=(qs < N)[:, None])

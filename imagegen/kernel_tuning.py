@@ -99,6 +99,9 @@ def _ms(value) -> str:
     return f"{value:.3f} ms" if isinstance(value, float) else str(value)[:80]
 
 
+FIELDS = {"strip": "(BLOCK, tiles per strip, warps, stages[, registers])", "one_loop": "(kernels in one masked loop)"}
+
+
 def format_tuning(result: dict) -> str:
     out = [(f"Triton attention kernels: launch settings (one call fwd+bwd, bf16; {result['device']}, "
             f"torch {result['torch']})"),
@@ -112,8 +115,7 @@ def format_tuning(result: dict) -> str:
         out += ["", f"{r['shape']}: band kernel best {r['band']['best']}; short kernel best {r['short']['best']}"]
         for kernel, times in r["band"]["tried"].items():
             ranked = sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9)
-            fields = {"strip": "(BLOCK, tiles per strip, warps, stages[, registers])",
-                      "one_loop": "(kernels in one masked loop)"}.get(kernel, "(BLOCK_M, BLOCK_N, warps, stages[, registers])")
+            fields = FIELDS.get(kernel, "(BLOCK_M, BLOCK_N, warps, stages[, registers])")
             out.append(f"- band {kernel} {fields}: "
                        + ", ".join(f"{k} {_ms(v)}" for k, v in ranked[:6]))
         for key, times in r["short"]["tried"].items():
