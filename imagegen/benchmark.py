@@ -52,11 +52,6 @@ def graph_time_ms(fn, quick: bool = False) -> float:
     return time_ms(captured(fn, warmups=3).replay, quick)
 
 
-def repeated(fn, times: int):
-    """A callable that calls fn() `times` times in a row (e.g. to capture several calls in one graph)."""
-    return lambda: [fn() for _ in range(times)]
-
-
 def attention_call(spec: str, grid: Grid, batch: int, heads: int = 8, dim: int = 64, backend: str = "auto",
                    device: str = "cuda", dtype=torch.bfloat16, run=None):
     """A closure running forward + backward of one attention call, on fresh random inputs

@@ -15,9 +15,10 @@ cuBLASLt's heuristic assumes that by default, so an algorithm chosen once fits e
 the libcublasLt PyTorch itself loaded. Each shape's algorithm is chosen once: on its first call the candidates of
 cuBLASLt's heuristic are timed and the fastest is kept (`plans()` lists them); each is timed as the median
 replay of a CUDA graph of five calls (IMAGEGEN_CUBLASLT_TIMING=eager: five eager calls, as before; =sustained:
-the four fastest timed once more after 0.3 s of load each, for power-limited cards; not yet measured), which times
-the GPU alone and counts the memset that an algorithm needing a workspace of a few bytes issues first (such an
-algorithm is also timed without a workspace, where it runs on a static schedule without the memset). An
+the four fastest timed once more after 0.3 s of load each, for power-limited cards; on an H200 no faster,
+benchmarks/h200o/blas), which times the GPU alone and counts the memset that an algorithm needing a workspace
+of a few bytes issues first (such an algorithm is also timed without a workspace, where it runs on a static
+schedule without the memset). An
 algorithm that needs a workspace (up to 32 MiB, e.g. split-K) gets it from PyTorch's allocator on each call, so
 nothing is allocated outside PyTorch (CUDA-graph capture safe).
 """
@@ -33,7 +34,7 @@ import time
 
 import torch
 
-from imagegen.cuda_graph import captured
+from imagegen.cuda_graph import captured, repeated
 
 # cublasLt.h / cublas_api.h / library_types.h enum values
 _EPILOGUE_DEFAULT, _EPILOGUE_GELU_AUX = 1, 32 | 128
@@ -247,7 +248,7 @@ def _timed_ms(call, calls: int = 5) -> float:
 
 def _captured(call, calls: int) -> torch.cuda.CUDAGraph:
     """`calls` calls captured back to back in one CUDA graph, replayed once."""
-    graph = captured(lambda: [call() for _ in range(calls)])
+    graph = captured(repeated(call, calls))
     graph.replay()
     return graph
 

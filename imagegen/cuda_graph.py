@@ -2,6 +2,7 @@
 
     graph = captured(fn, warmups=3)     # fn() warmed up on a side stream, then captured once
     graph.replay()                      # runs fn's kernels again, on the same memory
+    graph = captured(repeated(fn, 10))  # ten calls back to back in one graph, as a training step replays them
 
 Capture needs the calls warmed up off the default stream first (lazy initialisation, allocator pools), so
 `warmups` calls run on a side stream before it. Used by imagegen.benchmark.graph_time_ms and by
@@ -27,3 +28,8 @@ def captured(fn: Callable[[], object], warmups: int = 1) -> torch.cuda.CUDAGraph
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+def repeated(fn: Callable[[], object], times: int) -> Callable[[], list]:
+    """A callable that calls fn() `times` times in a row (e.g. to capture several calls in one graph)."""
+    return lambda: [fn() for _ in range(times)]

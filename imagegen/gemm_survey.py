@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from imagegen.benchmark import graph_time_ms, launched_kernels, repeated, time_ms
+from imagegen.benchmark import graph_time_ms, launched_kernels, time_ms
+from imagegen.cuda_graph import repeated
 
 
 def step_gemms(size: tuple) -> list[dict]:

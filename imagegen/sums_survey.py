@@ -16,7 +16,8 @@ import functools
 import torch
 
 from imagegen import inductor_sums
-from imagegen.benchmark import graph_time_ms, repeated
+from imagegen.benchmark import graph_time_ms
+from imagegen.cuda_graph import repeated
 from imagegen.train_benchmark import SIZES
 
 # (rows per step, columns per program, warps) of the Triton kernel
