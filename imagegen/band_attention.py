@@ -1,14 +1,13 @@
 """Causal band attention (`local`) as Triton kernels: query q sees key k when 0 <= q - k < window.
 
-A FlashAttention-style forward over 64 x 64 tiles that visits only the key tiles inside the band. The
-backward, where the window fits one tile (a 64 x 64 palette row: 64 keys), is one pass: a program walks a
-strip of consecutive tiles, keeping the previous key tile and its dk, dv so far, so each input is read once
-and each gradient written once. Wider windows take two kernels without atomics: one program per query tile
-accumulates dq over its key tiles (and computes rowsum(o * do) for the other), then one program per key
-tile accumulates dk and dv over the query tiles that see it. Each kernel walks its tiles in one loop, every
-tile masked; with LAUNCH["one_loop"] emptied, only the tiles at the window's two edges are masked, in three
-runs of tiles (with a window of 192, a 64 x 64 x 3 row, half of the tiles a query visits lie wholly inside
-the band), which was slower on the GPU (see LAUNCH). Inputs are the (B, N, heads, D) projection (strided
+A FlashAttention-style forward visits only the key tiles inside the band: the fewest tiles that hold the keys
+a query tile sees, ending at its last query (with a window of 192 keys, a 64 x 64 x 3 row, 64 queries visit
+two tiles of 128 keys or four of 64). The backward, where the window fits one tile (a 64 x 64 palette row:
+64 keys), is one pass: a program walks a strip of consecutive tiles, keeping the previous key tile and its
+dk, dv so far, so each input is read once and each gradient written once. Wider windows take two kernels
+without atomics: one program per query tile accumulates dq over its key tiles (and computes rowsum(o * do)
+for the other), then one program per key tile accumulates dk and dv over the query tiles that see it. Each
+kernel walks its tiles in one loop, every tile masked. Inputs are the (B, N, heads, D) projection (strided
 slices allowed, last dim contiguous); nothing is copied.
 
     y = band_attention(q, k, v, window=64)     # (B, N, h, D) -> (B, N, h, D) contiguous
@@ -46,9 +45,9 @@ except ImportError:
 # (benchmarks/h200c/final/tuning.md), and the GPU exactness tests pass with them (benchmarks/h200d/gpu_tests.log).
 # With the register limits below, N=12288 x 4 took 0.513 ms per call against 0.550 ms without, and N=4096 x 16 0.371
 # against 0.394 ms (the forward's limit and the strip setting; benchmarks/h200l/tune).
-# Walking the tiles in one loop (LAUNCH["one_loop"] below) with the band test in one comparison (_band), at
-# N=12288 x 4 the forward took 3 stages, dq 3 stages and 168 registers (0.378 ms per call against 0.385 ms with 2
-# stages and 128; benchmarks/h200o/mask).
+# Walking the tiles in one loop with the band test in one comparison (_band), at N=12288 x 4 the forward took 3
+# stages, dq 3 stages and 168 registers (0.378 ms per call against 0.385 ms with 2 stages and 128;
+# benchmarks/h200o/mask).
 LAUNCH = {"fwd": (64, 64, 4, 3, 128), "dkdv": (64, 64, 4, 2, 168), "dq": (64, 64, 4, 3, 168)}
 # The one-pass backward for windows of at most BLOCK keys: (BLOCK, tiles per strip, warps, pipeline stages);
 # BLOCK 0 turns it off (dq and dk/dv kernels for every window). On an H200 at N=4096 x 16, strips of 8 tiles
@@ -56,11 +55,14 @@ LAUNCH = {"fwd": (64, 64, 4, 3, 128), "dkdv": (64, 64, 4, 2, 168), "dq": (64, 64
 # the backward works on transposed tiles, strips of 16 tiles with 1 stage took 0.371 ms (benchmarks/h200l/tune).
 # With the band test in one comparison, 2 stages took 0.308 ms against 0.363 ms for 1 (benchmarks/h200o/mask).
 LAUNCH["strip"] = (64, 16, 4, 2)
-# The kernels that walk their tiles in one loop, every tile masked, instead of three runs (masked, inside the band
-# unmasked, masked). With a window of 192 keys each run has one or two tiles, and each run is a loop of its own
-# that the compiler pipelines apart (a tile's loads wait for nothing before them): in one loop, N=12288 x 4 took
-# 0.419 ms per call against 0.509 ms (benchmarks/h200o/one_loop); the masks cost less than the stalls they saved.
-LAUNCH["one_loop"] = ("fwd", "dq", "dkdv")
+# The kernels walk their tiles in one loop, every tile masked. They could also walk them in three runs (masked,
+# wholly inside the band unmasked, masked; removed after commit d0c10a9): with a window of 192 keys each run had
+# one or two tiles, and each run was a loop of its own that the compiler pipelined apart (a tile's loads waited
+# for nothing before them). In one loop, N=12288 x 4 took 0.419 ms per call against 0.509 ms
+# (benchmarks/h200o/one_loop). Since key tiles end at a query tile's last query, a 64-query tile visits two tiles
+# of 128 keys where its window is 192, as many keys as four of 64 in fewer, larger steps; at N=12288 x 4 they
+# were slower in each kernel: forward 0.405 ms per call against 0.380, dq 0.406 against 0.389, dk/dv (128 queries
+# a step) 0.411 against 0.387 (benchmarks/h200p/tiles).
 # A version for windows of up to three tiles (192 keys), keeping three key tiles, was exact but 2.5x slower than
 # the two kernels at N=12288 x 4 (1.35 vs 0.53 ms; commit 528dc66, benchmarks/h200g/strip3), and was removed.
 
@@ -95,70 +97,36 @@ if triton is not None:
         return (qs[:, None] - ks[None, :]).to(tl.uint32, bitcast=True) < W  # W promotes to unsigned
 
     @triton.jit
-    def _key_tile_phases(m0, N, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The key tiles n0 (multiples of BLOCK_N) that queries m0 .. m0+BLOCK_M-1 visit, in three runs:
-        [lo, b) masked (the window's far edge), [b, c) wholly inside the band (no mask), [c, end) masked
-        (the diagonal). A tile needs no mask when every key is at most the first query (n0+BLOCK_N-1 <= m0)
-        and within the window of the last (m0+BLOCK_M-1 - n0 < W); such tiles hold no key past N."""
-        lo = tl.maximum(m0 - W + 1, 0) // BLOCK_N * BLOCK_N
-        inside_window = tl.cdiv(tl.maximum(m0 + BLOCK_M - W, 0), BLOCK_N) * BLOCK_N
-        diagonal = tl.cdiv(tl.maximum(m0 - BLOCK_N + 2, 0), BLOCK_N) * BLOCK_N
-        b = tl.maximum(tl.minimum(inside_window, diagonal), lo)
-        return lo, b, tl.maximum(diagonal, b), m0 + BLOCK_M
-
-    @triton.jit
-    def _query_tile_phases(n0, N, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The query tiles m0 (multiples of BLOCK_M) that see keys n0 .. n0+BLOCK_N-1, in three runs
-        [start, b) masked, [b, c) wholly inside the band and before N, [c, end) masked."""
-        start = n0 // BLOCK_M * BLOCK_M
-        end = tl.minimum(n0 + BLOCK_N + W - 1, N)
-        causal = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # first tile whose queries all follow the keys
-        last = tl.minimum(n0 + W - BLOCK_M, N - BLOCK_M)  # last m0 whose queries all see key n0 and exist
-        inside_end = tl.where(last >= 0, last // BLOCK_M * BLOCK_M + BLOCK_M, 0)
-        b = tl.minimum(tl.maximum(causal, start), end)
-        return start, b, tl.maximum(tl.minimum(inside_end, end), b), end
-
-    @triton.jit
-    def _fwd_step(q, k, v, m_i, l_i, acc, qs, ks, N, W, qk_scale, MASKED: tl.constexpr):
-        """One key tile of the online softmax (base 2). The running maximum m_i is kept in unscaled scores, so
-        that scaling and subtracting it are one fused multiply-add per score."""
-        s = tl.dot(q, tl.trans(k))
-        if MASKED:
-            s = tl.where(_band(qs, ks, W), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s * qk_scale - (m_new * qk_scale)[:, None])
-        alpha = tl.math.exp2((m_i - m_new) * qk_scale)
-        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-
-    @triton.jit
-    def _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, start, stop, N, W, skb, skn, skh, svb, svn, svh, qk_scale,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-        """The online softmax over key tiles start, start+BLOCK_N, ... < stop."""
-        for n0 in range(start, stop, BLOCK_N):
-            ks = n0 + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _fwd_step(q, _tile(K, b, h, ks, d, N, skb, skn, skh), _tile(V, b, h, ks, d, N, svb, svn, svh),
-                                      m_i, l_i, acc, qs, ks, N, W, qk_scale, MASKED)
-        return m_i, l_i, acc
+    def _key_tiles(m0, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The key tiles lo, lo+BLOCK_N, ... < end that queries m0 .. m0+BLOCK_M-1 visit: the fewest tiles of
+        BLOCK_N keys that hold the W + BLOCK_M - 1 keys those queries see, ending after the last query (so a
+        tile need not start at a multiple of BLOCK_N: with a window of 192 keys, 64 queries visit two tiles of
+        128 keys), or starting at key 0."""
+        end = m0 + BLOCK_M
+        return tl.maximum(end - tl.cdiv(W + BLOCK_M - 1, BLOCK_N) * BLOCK_N, 0), end
 
     @triton.jit
     def _band_fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, ONE_LOOP: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+        """The online softmax (base 2) of one query tile over its key tiles, every tile masked, in one loop the
+        compiler pipelines. The running maximum m_i is kept in unscaled scores, so that scaling and subtracting
+        it are one fused multiply-add per score."""
         m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
         m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
-        if ONE_LOOP:  # every tile masked, in one loop the compiler can pipeline
-            m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, lo, end, N, W, skb, skn, skh, svb, svn,
-                                     svh, qk_scale, BLOCK_N, True)
-        else:
-            m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, lo, inner, N, W, skb, skn, skh, svb, svn,
-                                     svh, qk_scale, BLOCK_N, True)
-            m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, inner, diagonal, N, W, skb, skn, skh, svb,
-                                     svn, svh, qk_scale, BLOCK_N, False)
-            m_i, l_i, acc = _fwd_run(q, K, V, b, h, d, qs, m_i, l_i, acc, diagonal, end, N, W, skb, skn, skh, svb,
-                                     svn, svh, qk_scale, BLOCK_N, True)
+        lo, end = _key_tiles(m0, W, BLOCK_M, BLOCK_N)
+        for n0 in range(lo, end, BLOCK_N):
+            ks = n0 + tl.arange(0, BLOCK_N)
+            s = tl.dot(q, tl.trans(_tile(K, b, h, ks, d, N, skb, skn, skh)))
+            s = tl.where(_band(qs, ks, W), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s * qk_scale - (m_new * qk_scale)[:, None])
+            alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), _tile(V, b, h, ks, d, N, svb, svn, svh))
+            m_i = m_new
         l_i = tl.where(qs < N, l_i, 1.0)  # rows past the end are not stored (and never divide by zero)
         o = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + qs[:, None] * son + d[None, :], o.to(O.dtype.element_ty),
@@ -166,82 +134,40 @@ if triton is not None:
         tl.store(LSE + bh * N + qs, m_i * qk_scale + tl.math.log2(l_i), mask=qs < N)  # base-2 log-sum-exp
 
     @triton.jit
-    def _probs_and_grads(q, k, v, do, lse, delta, qs, ks, N, W, qk_scale, MASKED: tl.constexpr):
-        """The tile's attention probabilities p (recomputed) and score gradients ds = p * (dp - delta), without
-        the softmax scale: the kernels apply it once to the summed dq and dk."""
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(_band(qs, ks, W), p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        return p, (p * (dp - delta[:, None])).to(q.dtype)
-
-    @triton.jit
-    def _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, stop, N, W, sqb, sqn, sqh, sdb, sdn,
-                  sdh, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
-        """dk and dv of one key tile, accumulated over query tiles start, start+BLOCK_M, ... < stop. It works on
-        the transposed tile (keys x queries): p^T and ds^T come out of their dots in the layout the next dots
-        take as their first operand, so nothing is transposed in registers (through shared memory)."""
-        for m0 in range(start, stop, BLOCK_M):
-            qs = m0 + tl.arange(0, BLOCK_M)
-            q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
-            do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
-            if MASKED:  # unmasked tiles hold only queries before N
-                lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
-                delta = tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
-            else:
-                lse = tl.load(LSE + bh * N + qs)
-                delta = tl.load(DELTA + bh * N + qs)
-            pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
-            if MASKED:
-                pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
-            dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # unscaled: dk is scaled once, when stored
-            dk += tl.dot(dst, q)
-        return dk, dv
-
-    @triton.jit
     def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                        sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, D: tl.constexpr, ONE_LOOP: tl.constexpr):
+                       BLOCK_N: tl.constexpr, D: tl.constexpr):
+        """dk and dv of one key tile, accumulated over the query tiles that see its keys: queries n0 .. n0 +
+        BLOCK_N + W - 2, in tiles of BLOCK_M starting at n0. It works on the transposed tile (keys x queries):
+        p^T and ds^T come out of their dots in the layout the next dots take as their first operand, so nothing
+        is transposed in registers (through shared memory)."""
         n0, bh, b, h, ks, d = _this_tile(H, BLOCK_N, D)
         k = _tile(K, b, h, ks, d, N, skb, skn, skh)
         v = _tile(V, b, h, ks, d, N, svb, svn, svh)
         dk = tl.zeros((BLOCK_N, D), tl.float32)
         dv = tl.zeros((BLOCK_N, D), tl.float32)
-        start, inner, outer, end = _query_tile_phases(n0, N, W, BLOCK_M, BLOCK_N)
-        if ONE_LOOP:
-            dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, end, N, W, sqb, sqn, sqh,
-                               sdb, sdn, sdh, qk_scale, BLOCK_M, True)
-        else:
-            dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, start, inner, N, W, sqb, sqn, sqh,
-                               sdb, sdn, sdh, qk_scale, BLOCK_M, True)
-            dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, inner, outer, N, W, sqb, sqn, sqh,
-                               sdb, sdn, sdh, qk_scale, BLOCK_M, False)
-            dk, dv = _dkdv_run(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, bh, d, ks, outer, end, N, W, sqb, sqn, sqh,
-                               sdb, sdn, sdh, qk_scale, BLOCK_M, True)
+        for m0 in range(n0, tl.minimum(n0 + BLOCK_N + W - 1, N), BLOCK_M):
+            qs = m0 + tl.arange(0, BLOCK_M)
+            q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
+            do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
+            lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
+            delta = tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
+            pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
+            pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)  # unscaled: scaled once, stored
+            dk += tl.dot(dst, q)
         out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
         tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=(ks < N)[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
 
     @triton.jit
-    def _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, start, stop, N, W, skb, skn, skh, svb, svn, svh,
-                qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-        """dq of one query tile, accumulated over key tiles start, start+BLOCK_N, ... < stop."""
-        for n0 in range(start, stop, BLOCK_N):
-            ks = n0 + tl.arange(0, BLOCK_N)
-            k = _tile(K, b, h, ks, d, N, skb, skn, skh)
-            _, ds = _probs_and_grads(q, k, _tile(V, b, h, ks, d, N, svb, svn, svh), do, lse, delta, qs, ks, N, W,
-                                     qk_scale, MASKED)
-            dq += tl.dot(ds, k)
-        return dq
-
-    @triton.jit
     def _band_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                      sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, D: tl.constexpr, ONE_LOOP: tl.constexpr):
-        """dq of one query tile; it also computes and stores delta = rowsum(o * do) of its queries, which
-        the dk/dv kernel (launched after it) reads."""
+                     BLOCK_N: tl.constexpr, D: tl.constexpr):
+        """dq of one query tile, accumulated over its key tiles (those of the forward); it also computes and
+        stores delta = rowsum(o * do) of its queries, which the dk/dv kernel (launched after it) reads. The
+        score gradients ds = p * (dp - delta) leave out the softmax scale, applied once to the summed dq."""
         m0, bh, b, h, qs, d = _this_tile(H, BLOCK_M, D)
         q = _tile(Q, b, h, qs, d, N, sqb, sqn, sqh)
         do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
@@ -250,17 +176,14 @@ if triton is not None:
         tl.store(DELTA + bh * N + qs, delta, mask=qs < N)
         lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
         dq = tl.zeros((BLOCK_M, D), tl.float32)
-        lo, inner, diagonal, end = _key_tile_phases(m0, N, W, BLOCK_M, BLOCK_N)
-        if ONE_LOOP:
-            dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, lo, end, N, W, skb, skn, skh, svb, svn, svh,
-                         qk_scale, BLOCK_N, True)
-        else:
-            dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, lo, inner, N, W, skb, skn, skh, svb, svn, svh,
-                         qk_scale, BLOCK_N, True)
-            dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, inner, diagonal, N, W, skb, skn, skh, svb, svn,
-                         svh, qk_scale, BLOCK_N, False)
-            dq = _dq_run(q, do, lse, delta, K, V, dq, b, h, d, qs, diagonal, end, N, W, skb, skn, skh, svb, svn,
-                         svh, qk_scale, BLOCK_N, True)
+        lo, end = _key_tiles(m0, W, BLOCK_M, BLOCK_N)
+        for n0 in range(lo, end, BLOCK_N):
+            ks = n0 + tl.arange(0, BLOCK_N)
+            k = _tile(K, b, h, ks, d, N, skb, skn, skh)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            p = tl.where(_band(qs, ks, W), p, 0.0)
+            dp = tl.dot(do, tl.trans(_tile(V, b, h, ks, d, N, svb, svn, svh)))
+            dq += tl.dot((p * (dp - delta[:, None])).to(q.dtype), k)
         tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=(qs < N)[:, None])
 
@@ -268,7 +191,7 @@ if triton is not None:
     def _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale):
         """One (query tile, key tile) pair of the strip backward: its share of dq, dk (both without the softmax
         scale, applied when they are stored) and dv. It works on the transposed tile (keys x queries), as
-        _dkdv_run: only ds is transposed in registers, for dq."""
+        the dk/dv kernel: only ds is transposed in registers, for dq."""
         pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
         pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
@@ -349,8 +272,7 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N)
     bm, bn, *options = LAUNCH["fwd"]
     _band_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D,
-                                           ONE_LOOP="fwd" in LAUNCH["one_loop"], **compile_options(*options))
+                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
     return o, lse
 
 
@@ -379,13 +301,11 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     bm, bn, *options = LAUNCH["dq"]  # one program per query tile; writes delta first
     _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q),
                                               *_bnh(k), *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales,
-                                              BLOCK_M=bm, BLOCK_N=bn, D=D, ONE_LOOP="dq" in LAUNCH["one_loop"],
-                                              **compile_options(*options))
+                                              BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
     bm, bn, *options = LAUNCH["dkdv"]  # one program per key tile
     _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H,
                                                 *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales,
-                                                BLOCK_M=bm, BLOCK_N=bn, D=D, ONE_LOOP="dkdv" in LAUNCH["one_loop"],
-                                                **compile_options(*options))
+                                                BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
 
 
 def _forward_fake(q, k, v, window):

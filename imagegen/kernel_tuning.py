@@ -23,11 +23,10 @@ from imagegen.benchmark import ATTENTION_SHAPES, attention_call, graph_time_ms
 # (the fifth field, where present: registers per thread; 168 fits 3 programs of 4 warps on an SM, 128 fits 4)
 BAND_CHOICES = [(bm, bn, warps, stages) for (bm, bn), warps, stages in
                 itertools.product([(64, 64), (128, 64), (64, 128), (128, 128)], (4, 8), (2, 3))]
-BAND_CHOICES += [(64, 64, 4, stages, registers) for stages, registers in itertools.product((2, 3), (168, 128))]
+BAND_CHOICES += [(bm, bn, 4, stages, registers) for (bm, bn), stages, registers in
+                 itertools.product([(64, 64), (64, 128), (128, 64)], (2, 3), (168, 128))]
 STRIP_CHOICES = [(64, strip, warps, stages) for strip, warps, stages in itertools.product((4, 8, 16), (4, 8), (1, 2))]
 STRIP_CHOICES += [(64, strip, 4, 2, registers) for strip, registers in itertools.product((4, 8), (168, 128))]
-# which band kernels walk their key (or query) tiles in one masked loop rather than three runs
-ONE_LOOP_CHOICES = [(), ("fwd",), ("dq",), ("dkdv",), ("fwd", "dq", "dkdv")]
 FWD_WARPS = (1, 2, 4, 8)
 BWD_WARPS = (2, 4, 8)
 FWD_REGISTERS = (0, 64)  # 0: the compiler's choice
@@ -66,9 +65,9 @@ def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batc
 
 
 def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
-    options = {"one_loop": ONE_LOOP_CHOICES, **{kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}}
+    options = {kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}
     if grid.row_len <= band_attention.LAUNCH["strip"][0]:  # the one-pass backward runs instead of dkdv and dq
-        options = {"one_loop": [(), ("fwd",)], "fwd": BAND_CHOICES,
+        options = {"fwd": BAND_CHOICES,
                    "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
     return _coordinate_descent(band_attention.LAUNCH, options, "local", grid, batch, quick)
 
@@ -99,7 +98,7 @@ def _ms(value) -> str:
     return f"{value:.3f} ms" if isinstance(value, float) else str(value)[:80]
 
 
-FIELDS = {"strip": "(BLOCK, tiles per strip, warps, stages[, registers])", "one_loop": "(kernels in one masked loop)"}
+FIELDS = {"strip": "(BLOCK, tiles per strip, warps, stages[, registers])"}
 
 
 def format_tuning(result: dict) -> str:

@@ -49,16 +49,17 @@ def test_backend_equals_reference_in_bf16(grid, spec, backend):
     assert max(errs) < 2e-2
 
 
-@pytest.mark.parametrize("backend,one_loop", [("auto", None), ("triton", ()), ("triton", ("fwd", "dq", "dkdv")),
-                                              ("flash", None)], ids=["auto", "triton-runs", "triton-one-loop", "flash"])
-def test_wide_local_window_equals_reference_in_bf16(backend, one_loop, monkeypatch):
-    """Rows of 64 x 3 tokens (a window of 192 keys, as at N=12288): half of the tiles a query visits in the
-    band kernel lie wholly inside the band and skip the mask (three runs of tiles), or every tile is masked in
-    one loop (band_attention.LAUNCH["one_loop"])."""
+@pytest.mark.parametrize("backend,tiles", [("auto", None), ("triton", (64, 64)), ("triton", (64, 128)),
+                                           ("triton", (128, 64)), ("flash", None)],
+                         ids=["auto", "triton-64x64", "triton-64x128", "triton-128x64", "flash"])
+def test_wide_local_window_equals_reference_in_bf16(backend, tiles, monkeypatch):
+    """Rows of 64 x 3 tokens (a window of 192 keys, as at N=12288): the band kernel's dq and dk/dv kernels,
+    with the tile shapes `scripts/benchmark.py tune` may choose (band_attention.LAUNCH)."""
     from imagegen import band_attention
 
-    if one_loop is not None:
-        monkeypatch.setitem(band_attention.LAUNCH, "one_loop", one_loop)
+    if tiles is not None:
+        for kernel in ("fwd", "dq", "dkdv"):
+            monkeypatch.setitem(band_attention.LAUNCH, kernel, (*tiles, 4, 2))
     torch.manual_seed(0)
     grid, params = Grid(8, 64, 3), PatternParams(rows=1)
     q, k, v, g = (torch.randn(2, grid.num_tokens, 4, 64, device="cuda") for _ in range(4))
