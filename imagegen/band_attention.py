@@ -62,9 +62,9 @@ LAUNCH["strip"] = (64, 16, 4, 2)
 # (benchmarks/h200o/one_loop). Since key tiles end at a query tile's last query, a 64-query tile visits two tiles
 # of 128 keys where its window is 192, as many keys as four of 64 in fewer, larger steps; at N=12288 x 4 they
 # were slower in each kernel: forward 0.405 ms per call against 0.380, dq 0.406 against 0.389, dk/dv (128 queries
-# a step) 0.411 against 0.387 (benchmarks/h200p/tiles).
-# The kernels whose tiles wholly inside the band skip the band test (a branch on the tile, inside the loop).
-LAUNCH["edges_only"] = ()
+# a step) 0.411 against 0.387 (benchmarks/h200p/tiles). Skipping the band test on tiles wholly inside the band (a
+# branch on the tile inside the loop, commit 820ca54, reverted) moved no kernel by more than the spread of repeated
+# timings: at N=12288 x 4 0.383 ms per call (forward only) to 0.404 (all three) against 0.394 (benchmarks/h200p/edges).
 # A version for windows of up to three tiles (192 keys), keeping three key tiles, was exact but 2.5x slower than
 # the two kernels at N=12288 x 4 (1.35 vs 0.53 ms; commit 528dc66, benchmarks/h200g/strip3), and was removed.
 
@@ -99,26 +99,6 @@ if triton is not None:
         return (qs[:, None] - ks[None, :]).to(tl.uint32, bitcast=True) < W  # W promotes to unsigned
 
     @triton.jit
-    def _edge(m0, n0, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Query tile m0 and key tile n0 need the band test: some key follows the first query
-        (n0 + BLOCK_N - 1 > m0) or lies outside the window of the last (m0 + BLOCK_M - 1 - n0 >= W). Tiles
-        wholly inside the band hold no key past N (every key is at most a query that exists)."""
-        return (n0 + BLOCK_N - 1 > m0) | (m0 + BLOCK_M - 1 - n0 >= W)
-
-    @triton.jit
-    def _in_band(x, qs, ks, m0, n0, W, other, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGES_ONLY: tl.constexpr,
-                 TRANSPOSED: tl.constexpr):
-        """x, the (queries, keys) tile of query tile m0 and key tile n0 (or (keys, queries), TRANSPOSED), with
-        `other` outside the band. EDGES_ONLY tests the band only on tiles at its edges (_edge: a branch on the
-        tile inside the loop); else on every tile."""
-        if EDGES_ONLY:
-            if _edge(m0, n0, W, BLOCK_M, BLOCK_N):
-                x = tl.where(_band(qs, ks, W).trans() if TRANSPOSED else _band(qs, ks, W), x, other)
-        else:
-            x = tl.where(_band(qs, ks, W).trans() if TRANSPOSED else _band(qs, ks, W), x, other)
-        return x
-
-    @triton.jit
     def _key_tiles(m0, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The key tiles lo, lo+BLOCK_N, ... < end that queries m0 .. m0+BLOCK_M-1 visit: the fewest tiles of
         BLOCK_N keys that hold the W + BLOCK_M - 1 keys those queries see, ending after the last query (so a
@@ -129,7 +109,7 @@ if triton is not None:
 
     @triton.jit
     def _band_fwd(Q, K, V, O, LSE, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, qk_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EDGES_ONLY: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
         """The online softmax (base 2) of one query tile over its key tiles, every tile masked, in one loop the
         compiler pipelines. The running maximum m_i is kept in unscaled scores, so that scaling and subtracting
         it are one fused multiply-add per score."""
@@ -142,7 +122,7 @@ if triton is not None:
         for n0 in range(lo, end, BLOCK_N):
             ks = n0 + tl.arange(0, BLOCK_N)
             s = tl.dot(q, tl.trans(_tile(K, b, h, ks, d, N, skb, skn, skh)))
-            s = _in_band(s, qs, ks, m0, n0, W, float("-inf"), BLOCK_M, BLOCK_N, EDGES_ONLY, False)
+            s = tl.where(_band(qs, ks, W), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s * qk_scale - (m_new * qk_scale)[:, None])
             alpha = tl.math.exp2((m_i - m_new) * qk_scale)
@@ -158,7 +138,7 @@ if triton is not None:
     @triton.jit
     def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                        sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, D: tl.constexpr, EDGES_ONLY: tl.constexpr):
+                       BLOCK_N: tl.constexpr, D: tl.constexpr):
         """dk and dv of one key tile, accumulated over the query tiles that see its keys: queries n0 .. n0 +
         BLOCK_N + W - 2, in tiles of BLOCK_M starting at n0. It works on the transposed tile (keys x queries):
         p^T and ds^T come out of their dots in the layout the next dots take as their first operand, so nothing
@@ -175,7 +155,7 @@ if triton is not None:
             lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
             delta = tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
             pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
-            pt = _in_band(pt, qs, ks, m0, n0, W, 0.0, BLOCK_M, BLOCK_N, EDGES_ONLY, True)
+            pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do)
             dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)  # unscaled: scaled once, stored
             dk += tl.dot(dst, q)
@@ -186,7 +166,7 @@ if triton is not None:
     @triton.jit
     def _band_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                      sob, son, soh, sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, D: tl.constexpr, EDGES_ONLY: tl.constexpr):
+                     BLOCK_N: tl.constexpr, D: tl.constexpr):
         """dq of one query tile, accumulated over its key tiles (those of the forward); it also computes and
         stores delta = rowsum(o * do) of its queries, which the dk/dv kernel (launched after it) reads. The
         score gradients ds = p * (dp - delta) leave out the softmax scale, applied once to the summed dq."""
@@ -203,7 +183,7 @@ if triton is not None:
             ks = n0 + tl.arange(0, BLOCK_N)
             k = _tile(K, b, h, ks, d, N, skb, skn, skh)
             p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            p = _in_band(p, qs, ks, m0, n0, W, 0.0, BLOCK_M, BLOCK_N, EDGES_ONLY, False)
+            p = tl.where(_band(qs, ks, W), p, 0.0)
             dp = tl.dot(do, tl.trans(_tile(V, b, h, ks, d, N, svb, svn, svh)))
             dq += tl.dot((p * (dp - delta[:, None])).to(q.dtype), k)
         tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -294,8 +274,7 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N)
     bm, bn, *options = LAUNCH["fwd"]
     _band_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D,
-                                           EDGES_ONLY="fwd" in LAUNCH["edges_only"], **compile_options(*options))
+                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
     return o, lse
 
 
@@ -324,13 +303,11 @@ def _backward_into(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     bm, bn, *options = LAUNCH["dq"]  # one program per query tile; writes delta first
     _band_bwd_dq[(triton.cdiv(N, bm), B * H)](q, k, v, o, grad_out, lse, delta, dq, N, window, H, *_bnh(q),
                                               *_bnh(k), *_bnh(v), *_bnh(o), *_bnh(grad_out), *_bnh(dq), *scales,
-                                              BLOCK_M=bm, BLOCK_N=bn, D=D, EDGES_ONLY="dq" in LAUNCH["edges_only"],
-                                              **compile_options(*options))
+                                              BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
     bm, bn, *options = LAUNCH["dkdv"]  # one program per key tile
     _band_bwd_dkdv[(triton.cdiv(N, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, N, window, H,
                                                 *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(grad_out), *_bnh(dk), *scales,
-                                                BLOCK_M=bm, BLOCK_N=bn, D=D, EDGES_ONLY="dkdv" in LAUNCH["edges_only"],
-                                                **compile_options(*options))
+                                                BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
 
 
 def _forward_fake(q, k, v, window):

@@ -27,8 +27,6 @@ BAND_CHOICES += [(bm, bn, 4, stages, registers) for (bm, bn), stages, registers 
                  itertools.product([(64, 64), (64, 128), (128, 64)], (2, 3), (168, 128))]
 STRIP_CHOICES = [(64, strip, warps, stages) for strip, warps, stages in itertools.product((4, 8, 16), (4, 8), (1, 2))]
 STRIP_CHOICES += [(64, strip, 4, 2, registers) for strip, registers in itertools.product((4, 8), (168, 128))]
-# which band kernels test the band only on tiles at its edges (a branch inside the loop) rather than on every tile
-EDGES_ONLY_CHOICES = [(), ("fwd",), ("dq",), ("dkdv",), ("fwd", "dq", "dkdv")]
 FWD_WARPS = (1, 2, 4, 8)
 BWD_WARPS = (2, 4, 8)
 FWD_REGISTERS = (0, 64)  # 0: the compiler's choice
@@ -67,9 +65,9 @@ def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batc
 
 
 def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
-    options = {"edges_only": EDGES_ONLY_CHOICES, **{kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}}
+    options = {kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}
     if grid.row_len <= band_attention.LAUNCH["strip"][0]:  # the one-pass backward runs instead of dkdv and dq
-        options = {"edges_only": [(), ("fwd",)], "fwd": BAND_CHOICES,
+        options = {"fwd": BAND_CHOICES,
                    "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
     return _coordinate_descent(band_attention.LAUNCH, options, "local", grid, batch, quick)
 
@@ -100,8 +98,7 @@ def _ms(value) -> str:
     return f"{value:.3f} ms" if isinstance(value, float) else str(value)[:80]
 
 
-FIELDS = {"strip": "(BLOCK, tiles per strip, warps, stages[, registers])",
-          "edges_only": "(kernels that test the band only on its edge tiles)"}
+FIELDS = {"strip": "(BLOCK, tiles per strip, warps, stages[, registers])"}
 
 
 def format_tuning(result: dict) -> str:

@@ -146,13 +146,11 @@ for grid in (Grid(5, 7, 1), Grid(4, 3, 3), Grid(17, 2, 3), Grid(4, 25, 1)):
         for a, b in zip((y, *qkv.grad.unbind(2)), (yr, qr.grad, kr.grad, vr.grad)):
             worst = max(worst, ((a - b).norm() / b.norm()).item())
 # a window of 200 keys, wider than a tile: the dq and dk/dv kernels, with key tiles that end at a query tile's
-# last query (not at multiples of BLOCK_N) or start at key 0, and query tiles past N; the band tested on every
-# tile or only on those at its edges
+# last query (not at multiples of BLOCK_N) or start at key 0, and query tiles past N
 grid, B, h, D = Grid(7, 50, 1), 1, 2, 16
 base = [torch.randn(B, grid.num_tokens, h, D) for _ in range(4)]
-for tiles, edges_only in (((64, 64), ()), ((128, 64), ()), ((64, 128), ()), ((128, 128), ()),
-                          ((64, 64), ("fwd", "dq", "dkdv")), ((64, 128), ("fwd", "dq", "dkdv"))):
-    band.LAUNCH.update({kernel: (*tiles, 4, 2) for kernel in ("fwd", "dkdv", "dq")}, edges_only=edges_only)
+for tiles in ((64, 64), (128, 64), (64, 128), (128, 128)):
+    band.LAUNCH.update({kernel: (*tiles, 4, 2) for kernel in ("fwd", "dkdv", "dq")})
     q, k, v = (t.clone().requires_grad_(True) for t in base[:3])
     y = band_attention(q, k, v, window=200)
     y.backward(base[3])
@@ -238,10 +236,9 @@ def signature(kernel, constexprs):
     return types
 
 target = GPUTarget("cuda", 90, 32)  # Hopper (H100/H200)
-for kernel, constexprs in [(band._band_fwd, dict(BLOCK_M=64, BLOCK_N=128, D=64, EDGES_ONLY=False)),
-                           (band._band_fwd, dict(BLOCK_M=64, BLOCK_N=64, D=64, EDGES_ONLY=True)),
-                           (band._band_bwd_dkdv, dict(BLOCK_M=64, BLOCK_N=64, D=64, EDGES_ONLY=True)),
-                           (band._band_bwd_dq, dict(BLOCK_M=128, BLOCK_N=64, D=64, EDGES_ONLY=True)),
+for kernel, constexprs in [(band._band_fwd, dict(BLOCK_M=64, BLOCK_N=128, D=64)),
+                           (band._band_bwd_dkdv, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
+                           (band._band_bwd_dq, dict(BLOCK_M=128, BLOCK_N=64, D=64)),
                            (band._band_bwd_strip, dict(BLOCK=64, D=64)),
                            (short._short_fwd, dict(BLOCK_S=64, D=64)),
                            (short._short_bwd, dict(BLOCK_S=64, D=64))]:
@@ -256,4 +253,4 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
     """The interpreter runs kernels as Python, so code that real Triton rejects (e.g. starred arguments in a
     jit call) passes there; compiling each kernel for sm_90 to a cubin, which needs no GPU, catches it."""
     pytest.importorskip("triton")
-    assert run_python(HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path)).count("compiled for sm_90") == 7
+    assert run_python(HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path)).count("compiled for sm_90") == 6

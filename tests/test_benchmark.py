@@ -40,18 +40,16 @@ def test_kernel_tuning_keeps_the_fastest_setting_per_key_and_restores_the_defaul
         launch = band_attention.LAUNCH
         if launch["dkdv"][:2] == (128, 128):
             return "failed: OutOfResources"
-        return float(sum(sum(v) for key, v in launch.items() if key != "edges_only")
-                     - 1000 * (launch["dq"] == (128, 64, 8, 3)) - 1000 * (launch["strip"] == (64, 16, 4, 1))
-                     - 500 * (launch["edges_only"] == ("dq",)))
+        return float(sum(sum(v) for v in launch.values())
+                     - 1000 * (launch["dq"] == (128, 64, 8, 3)) - 1000 * (launch["strip"] == (64, 16, 4, 1)))
 
     monkeypatch.setattr(kernel_tuning, "_timed", fake_time)
     found = kernel_tuning.tune_band(Grid(8, 100, 1), 2)  # rows of 100 tokens: a window wider than a tile
-    assert found["best"] == {**band_defaults, "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (128, 64, 8, 3),
-                             "edges_only": ("dq",)}
+    assert found["best"] == {**band_defaults, "fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (128, 64, 8, 3)}
     assert found["tried"]["dkdv"][str((128, 128, 4, 2))].startswith("failed")
-    assert set(found["tried"]) == {"edges_only", "fwd", "dkdv", "dq"}
+    assert set(found["tried"]) == {"fwd", "dkdv", "dq"}
     found = kernel_tuning.tune_band(Grid(8, 8, 1), 2)  # a window within one tile: the one-pass backward
-    assert set(found["tried"]) == {"edges_only", "fwd", "strip"}
+    assert set(found["tried"]) == {"fwd", "strip"}
     assert found["best"]["strip"] == (64, 16, 4, 1)
     assert str((0, 0, 0, 0)) in found["tried"]["strip"]  # the two-kernel backward, timed beside it
     assert band_attention.LAUNCH == band_defaults and short_attention.LAUNCH == short_defaults
