@@ -67,8 +67,7 @@ def _coordinate_descent(launch: dict, options: dict, spec: str, grid: Grid, batc
 def tune_band(grid: Grid, batch: int, quick: bool = False) -> dict:
     options = {kernel: BAND_CHOICES for kernel in ("fwd", "dkdv", "dq")}
     if grid.row_len <= band_attention.LAUNCH["strip"][0]:  # the one-pass backward runs instead of dkdv and dq
-        options = {"fwd": BAND_CHOICES,
-                   "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
+        options = {"fwd": BAND_CHOICES, "strip": [(0, 0, 0, 0)] + STRIP_CHOICES}  # (0, ...): the two kernels
     return _coordinate_descent(band_attention.LAUNCH, options, "local", grid, batch, quick)
 
 
