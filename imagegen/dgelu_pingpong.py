@@ -73,6 +73,14 @@ if gluon is not None:
         return (1.0 - t * t) * (x * (_HALF_BETA + _HALF_3_BETA_KAPPA * x2)) + (0.5 + 0.5 * t)
 
     @gluon.jit
+    def _gelu_tanh(x):
+        """gelu_tanh(x) = x (1/2 + 1/2 tanh(x (b + b k x^2))) in fp32, tanh by tanh.approx.f32."""
+        inner = x * (_BETA + _BETA_KAPPA * x * x)
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=gl.float32,
+                                      is_pure=True, pack=1)
+        return x * (0.5 + 0.5 * t)
+
+    @gluon.jit
     def _tile_origin(tile, tiles_m, tiles_n, BM: gl.constexpr, BN: gl.constexpr, GM: gl.constexpr):
         """First row and column of output tile number `tile`, GM row tiles walking the columns together."""
         group = tile // (GM * tiles_n)
@@ -89,15 +97,16 @@ if gluon is not None:
         return tiles_m, tiles_n, k_tiles, gl.cdiv(tiles_m * tiles_n - gl.program_id(0), gl.num_programs(0))
 
     @gluon.jit
-    def _loader(descs, bufs, bars, M, N, K, WHICH: gl.constexpr, GM: gl.constexpr, DGELU: gl.constexpr):
-        """Fill the ring with dy and w tiles for this program's tiles, in order (WHICH unused: the workers
-        share one signature)."""
-        a_desc, b_desc, _, _ = descs
+    def _loader(descs, bufs, bars, M, N, K, WHICH: gl.constexpr, GM: gl.constexpr, EPILOGUE: gl.constexpr,
+                B_NK: gl.constexpr):
+        """Fill the ring with A and B tiles for this program's tiles, in order (B's as (BN, BK) tiles of an (N, K)
+        matrix when B_NK; WHICH and EPILOGUE unused: the workers share one signature)."""
+        a_desc, b_desc, h_desc, _ = descs
         a_bufs, b_bufs, _ = bufs
         ready, empty, _, _ = bars
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[1]
+        BN: gl.constexpr = h_desc.block_type.shape[1]
         NUM_STAGES: gl.constexpr = a_bufs.type.shape[0]
         tiles_m, tiles_n, k_tiles, mine = _schedule(M, N, K, BM, BN, BK)
         pid, programs = gl.program_id(0), gl.num_programs(0)
@@ -109,27 +118,45 @@ if gluon is not None:
                 mbarrier.wait(empty.index(slot), ((g // NUM_STAGES) & 1) ^ 1)  # (empty bars start "complete")
                 mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(a_desc, [row, kk * BK], ready.index(slot), a_bufs.index(slot))
-                tma.async_copy_global_to_shared(b_desc, [kk * BK, col], ready.index(slot), b_bufs.index(slot))
+                if B_NK:
+                    tma.async_copy_global_to_shared(b_desc, [col, kk * BK], ready.index(slot), b_bufs.index(slot))
+                else:
+                    tma.async_copy_global_to_shared(b_desc, [kk * BK, col], ready.index(slot), b_bufs.index(slot))
 
     @gluon.jit
-    def _consumer(descs, bufs, bars, M, N, K, WHICH: gl.constexpr, GM: gl.constexpr, DGELU: gl.constexpr):
-        """Tiles WHICH, WHICH + 2, ... of this program: wgmma over the ring's slots, then dh = acc * gelu'(h)
-        (acc itself without DGELU) out through shared memory."""
-        a_desc, b_desc, h_desc, out_desc = descs
+    def _b_tile(b_bufs, slot, B_NK: gl.constexpr):
+        """Ring slot `slot` of B as the (BK, BN) operand of wgmma (a transposed view of a (BN, BK) tile)."""
+        return b_bufs.index(slot).permute((1, 0)) if B_NK else b_bufs.index(slot)
+
+    @gluon.jit
+    def _store_tile(tile, tile_buf, desc, row, col):
+        """The (BM, BN) register tile out to `desc` at (row, col) through tile_buf (free: the caller waited)."""
+        _partition_barrier()  # every warp is done with tile_buf (and knows it is free)
+        tile_buf.store(tile)
+        fence_async_shared()
+        _partition_barrier()
+        tma.async_copy_shared_to_global(desc, [row, col], tile_buf)
+
+    @gluon.jit
+    def _consumer(descs, bufs, bars, M, N, K, WHICH: gl.constexpr, GM: gl.constexpr, EPILOGUE: gl.constexpr,
+                  B_NK: gl.constexpr):
+        """Tiles WHICH, WHICH + 2, ... of this program: wgmma over the ring's slots, then the epilogue out through
+        shared memory: "dgelu" dh = acc * gelu'(h); "gelu" h = acc, then gelu(acc); "plain" acc itself."""
+        a_desc, _, h_desc, out_desc = descs
         a_bufs, b_bufs, tile_bufs = bufs
         ready, empty, h_bars, turns = bars
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[1]
+        BN: gl.constexpr = h_desc.block_type.shape[1]
         NUM_STAGES: gl.constexpr = a_bufs.type.shape[0]
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BN, 16])
         tiles_m, tiles_n, k_tiles, mine = _schedule(M, N, K, BM, BN, BK)
         pid, programs = gl.program_id(0), gl.num_programs(0)
-        tile_buf, h_bar = tile_bufs.index(WHICH), h_bars.index(WHICH)  # h in, then dh out
+        tile_buf, h_bar = tile_bufs.index(WHICH), h_bars.index(WHICH)  # h in (dgelu), then the output
         for j in range(WHICH, mine, 2):
             row, col = _tile_origin(pid + j * programs, tiles_m, tiles_n, BM, BN, GM)
-            if DGELU:  # the tile of h, in flight during the matmul
+            if EPILOGUE == "dgelu":  # the tile of h, in flight during the matmul
                 tma.store_wait(pendings=0)  # the previous tile's dh has left tile_buf ...
                 _partition_barrier()  # ... and every warp knows
                 mbarrier.expect(h_bar, h_desc.block_type.nbytes)
@@ -144,37 +171,37 @@ if gluon is not None:
             g = j * k_tiles
             slot = g % NUM_STAGES
             mbarrier.wait(ready.index(slot), (g // NUM_STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, use_acc=False, is_async=True)
+            acc = warpgroup_mma(a_bufs.index(slot), _b_tile(b_bufs, slot, B_NK), acc, use_acc=False,
+                                is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # (returns at once: a tensor to carry)
             for kk in range(1, k_tiles):
                 g = j * k_tiles + kk
                 slot = g % NUM_STAGES
                 mbarrier.wait(ready.index(slot), (g // NUM_STAGES) & 1)
-                acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, is_async=True)
+                acc = warpgroup_mma(a_bufs.index(slot), _b_tile(b_bufs, slot, B_NK), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # the previous slot's MMA is done
                 mbarrier.arrive(empty.index((g - 1) % NUM_STAGES), count=1)
             mbarrier.arrive(turns.index(1 - WHICH), count=1)  # all slots waited for: the other consumer's turn
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index((j * k_tiles + k_tiles - 1) % NUM_STAGES), count=1)
-            # Epilogue: dh = acc * gelu'(h), out through the same buffer
-            if DGELU:
+            if EPILOGUE == "dgelu":  # dh = acc * gelu'(h), out through the buffer h came in
                 mbarrier.wait(h_bar, (j // 2) & 1)
                 acc = acc * _gelu_tanh_grad(tile_buf.load(mma_layout).to(gl.float32))
             else:
                 tma.store_wait(pendings=0)  # the previous tile's output has left tile_buf
-            dh = acc.to(out_desc.dtype)
-            _partition_barrier()  # every warp has read h (and knows the buffer is free)
-            tile_buf.store(dh)
-            fence_async_shared()
-            _partition_barrier()
-            tma.async_copy_shared_to_global(out_desc, [row, col], tile_buf)
+                if EPILOGUE == "gelu":  # h = acc out first; gelu(acc) computed while it leaves
+                    _store_tile(acc.to(h_desc.dtype), tile_buf, h_desc, row, col)
+                    acc = _gelu_tanh(acc)
+                    tma.store_wait(pendings=0)
+            _store_tile(acc.to(out_desc.dtype), tile_buf, out_desc, row, col)
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _matmul_dgelu_pingpong(a_desc, b_desc, h_desc, out_desc, M, N, K, NUM_STAGES: gl.constexpr,
-                               GM: gl.constexpr, DGELU: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                               LOADER_REGS: gl.constexpr):
-        """OUT (M, N) = (A (M, K) @ B (K, N)) * gelu_tanh'(H (M, N)); persistent, one program per SM."""
+    def _matmul_pingpong(a_desc, b_desc, h_desc, out_desc, M, N, K, NUM_STAGES: gl.constexpr, GM: gl.constexpr,
+                         EPILOGUE: gl.constexpr, B_NK: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         LOADER_REGS: gl.constexpr):
+        """C = A (M, K) @ B (K, N), B given as (N, K) when B_NK; persistent, one program per SM. EPILOGUE
+        "dgelu": OUT = C * gelu_tanh'(H); "gelu": H = C and OUT = gelu_tanh(C); "plain": OUT = C (all (M, N))."""
         dtype: gl.constexpr = a_desc.dtype
         a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
@@ -193,10 +220,30 @@ if gluon is not None:
         bufs = (a_bufs, b_bufs, tile_bufs)
         bars = (ready, empty, h_bars, turns)
         gl.warp_specialize([
-            (_consumer, (descs, bufs, bars, M, N, K, 0, GM, DGELU)),
-            (_consumer, (descs, bufs, bars, M, N, K, 1, GM, DGELU)),
-            (_loader, (descs, bufs, bars, M, N, K, 0, GM, DGELU)),
+            (_consumer, (descs, bufs, bars, M, N, K, 0, GM, EPILOGUE, B_NK)),
+            (_consumer, (descs, bufs, bars, M, N, K, 1, GM, EPILOGUE, B_NK)),
+            (_loader, (descs, bufs, bars, M, N, K, 0, GM, EPILOGUE, B_NK)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, epilogue: str, b_nk: bool,
+            programs: int):
+    """_matmul_pingpong on a (M, K), b ((N, K) when b_nk, else (K, N)), h and out (M, N); returns the compiled
+    kernel."""
+    M, N = out.shape
+    dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
+
+    def desc(t, block):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+    tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
+    grid = min(programs or torch.cuda.get_device_properties(a.device).multi_processor_count, tiles)
+    return _matmul_pingpong[(grid,)](desc(a, [BLOCK_M, BLOCK_K]),
+                                     desc(b, [BLOCK_N, BLOCK_K] if b_nk else [BLOCK_K, BLOCK_N]),
+                                     desc(h, [BLOCK_M, BLOCK_N]), desc(out, [BLOCK_M, BLOCK_N]), M, N, a.shape[1],
+                                     NUM_STAGES=STAGES, GM=GROUP_M, EPILOGUE=epilogue, B_NK=b_nk,
+                                     CONSUMER_REGS=CONSUMER_REGISTERS, LOADER_REGS=LOADER_REGISTERS, num_warps=4,
+                                     maxnreg=MAX_REGISTERS)
 
 
 def matmul_dgelu_pingpong(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, dgelu: bool = True,
@@ -204,18 +251,14 @@ def matmul_dgelu_pingpong(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor, dg
     """(dy @ w) * gelu_tanh'(h) (dy @ w alone without dgelu): dy (M, K), w (K, N), h (M, N) contiguous, one
     16-bit dtype, K a multiple of 64 and N of 8 (checked by the caller, imagegen.dgelu_matmul); `programs`
     (default: one per SM). Returns (the output, the compiled kernel)."""
-    (M, K), N = dy.shape, w.shape[1]
     out = torch.empty_like(h)
-    dtype = gl.bfloat16 if dy.dtype == torch.bfloat16 else gl.float16
+    return out, _launch(dy, w, h, out, "dgelu" if dgelu else "plain", False, programs)
 
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
-    tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
-    grid = min(programs or torch.cuda.get_device_properties(dy.device).multi_processor_count, tiles)
-    compiled = _matmul_dgelu_pingpong[(grid,)](desc(dy, [BLOCK_M, BLOCK_K]), desc(w, [BLOCK_K, BLOCK_N]),
-                                               desc(h, [BLOCK_M, BLOCK_N]), desc(out, [BLOCK_M, BLOCK_N]), M, N, K,
-                                               NUM_STAGES=STAGES, GM=GROUP_M, DGELU=dgelu,
-                                               CONSUMER_REGS=CONSUMER_REGISTERS, LOADER_REGS=LOADER_REGISTERS,
-                                               num_warps=4, maxnreg=MAX_REGISTERS)
-    return out, compiled
+def matmul_gelu_pingpong(x: torch.Tensor, w: torch.Tensor, programs: int = 0):
+    """The MLP's first GEMM with GELU: h = x @ w^T and g = gelu_tanh(h) (from the fp32 product, as cuBLASLt's
+    GELU_AUX epilogue): x (M, K), w (N, K) contiguous, one 16-bit dtype, K a multiple of 64 and N of 8 (checked
+    by the caller, imagegen.gelu_mlp). Returns (g, h, the compiled kernel)."""
+    M, N = x.shape[0], w.shape[0]
+    g, h = (torch.empty(M, N, dtype=x.dtype, device=x.device) for _ in range(2))
+    return g, h, _launch(x, w, h, g, "gelu", True, programs)

@@ -50,7 +50,8 @@ class ModelConfig:
     residual_dtype: str = "float32"
     # torch: fc, GELU, proj as separate ops (torch.compile fuses what it can); cublaslt: the forward GELU computed
     # in the fc GEMM's cuBLASLt epilogue (imagegen.gelu_mlp) where it runs (CUDA, bf16/fp16), else the torch path;
-    # fused: that, and the backward's gelu' in the epilogue of its first GEMM (imagegen.dgelu_matmul). With either,
+    # fused: that (on Hopper from a Gluon kernel instead, imagegen.dgelu_pingpong), and the backward's gelu' in the
+    # epilogue of its first GEMM (imagegen.dgelu_matmul). With either,
     # the attention's projections and the MLP's other GEMMs take cuBLASLt's timed-fastest algorithms (imagegen.lt_linear)
     mlp_backend: str = "torch"
 
@@ -135,8 +136,8 @@ class MLP(nn.Module):
         if self.backend != "torch" and gelu_mlp_runs(x, self.fc.out_features):
             fused = self.backend == "fused"
             if residual is not None and adds_in_gemm(self.dropout, x, residual):
-                return gelu_mlp(x, fc_weight, proj_weight, fused_backward=fused, residual=residual)
-            out = self.dropout(gelu_mlp(x, fc_weight, proj_weight, fused_backward=fused))
+                return gelu_mlp(x, fc_weight, proj_weight, fused=fused, residual=residual)
+            out = self.dropout(gelu_mlp(x, fc_weight, proj_weight, fused=fused))
         else:
             out = self.dropout(F.linear(F.gelu(F.linear(x, fc_weight), approximate="tanh"), proj_weight))
         return out if residual is None else residual + out

@@ -13,9 +13,9 @@ from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
 from imagegen.model import ImageTransformer, ModelConfig
 
 
-@pytest.mark.parametrize("fused_backward", [False, True], ids=["cublas-backward", "fused-backward"])
+@pytest.mark.parametrize("fused", [False, True], ids=["cublaslt", "fused"])
 @pytest.mark.parametrize("custom_op", [False, True], ids=["autograd-function", "custom-op"])
-def test_gelu_mlp_output_and_gradients_equal_the_reference(custom_op, fused_backward):
+def test_gelu_mlp_output_and_gradients_equal_the_reference(custom_op, fused):
     """Both entry points (the eager autograd.Function and the custom op torch.compile sees) give
     proj(gelu_tanh(fc(x))) and its gradients for x, fc_weight and proj_weight; leading dims are kept."""
     torch.manual_seed(0)
@@ -23,7 +23,7 @@ def test_gelu_mlp_output_and_gradients_equal_the_reference(custom_op, fused_back
     w1 = (torch.randn(64, 16, dtype=torch.float64) / 4).requires_grad_(True)
     w2 = (torch.randn(16, 64, dtype=torch.float64) / 8).requires_grad_(True)
     dy = torch.randn(2, 37, 16, dtype=torch.float64)
-    y = gelu_mlp(x, w1, w2, custom_op=custom_op, fused_backward=fused_backward)  # off CUDA: the unfused kernels
+    y = gelu_mlp(x, w1, w2, custom_op=custom_op, fused=fused)  # off CUDA: the unfused kernels
     y.backward(dy)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
     ref = F.linear(F.gelu(F.linear(leaves[0], leaves[1]), approximate="tanh"), leaves[2])
@@ -163,30 +163,39 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import mangle_type
 from imagegen import dgelu_pingpong as pp
 
-dy, w, h = torch.empty(4096, 512, dtype=torch.bfloat16), torch.empty(512, 2048, dtype=torch.bfloat16), \
-    torch.empty(4096, 2048, dtype=torch.bfloat16)
-blocks = {"a_desc": (dy, [pp.BLOCK_M, pp.BLOCK_K]), "b_desc": (w, [pp.BLOCK_K, pp.BLOCK_N]),
-          "h_desc": (h, [pp.BLOCK_M, pp.BLOCK_N]), "out_desc": (h, [pp.BLOCK_M, pp.BLOCK_N])}
-signature = {name: mangle_type(TensorDescriptor.from_tensor(t, b, gl.NVMMASharedLayout.get_default_for(b, gl.bfloat16)))
-             for name, (t, b) in blocks.items()}
-constexprs = {"NUM_STAGES": pp.STAGES, "GM": pp.GROUP_M, "DGELU": True, "CONSUMER_REGS": pp.CONSUMER_REGISTERS,
-              "LOADER_REGS": pp.LOADER_REGISTERS}
-signature.update(M="i32", N="i32", K="i32", **{name: "constexpr" for name in constexprs})
-compiled = triton.compile(GluonASTSource(fn=pp._matmul_dgelu_pingpong, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": pp.MAX_REGISTERS})
-assert "cubin" in compiled.asm
-ptx = compiled.asm["ptx"]
-print("shared", compiled.metadata.shared, "wgmma", ptx.count("wgmma.mma_async"), "setmaxnreg", ptx.count("setmaxnreg"))
+a, h = torch.empty(4096, 512, dtype=torch.bfloat16), torch.empty(4096, 2048, dtype=torch.bfloat16)
+w_kn, w_nk = torch.empty(512, 2048, dtype=torch.bfloat16), torch.empty(2048, 512, dtype=torch.bfloat16)
+for epilogue, b_nk in [("dgelu", False), ("gelu", True)]:  # the MLP backward's and forward's
+    blocks = {"a_desc": (a, [pp.BLOCK_M, pp.BLOCK_K]),
+              "b_desc": (w_nk, [pp.BLOCK_N, pp.BLOCK_K]) if b_nk else (w_kn, [pp.BLOCK_K, pp.BLOCK_N]),
+              "h_desc": (h, [pp.BLOCK_M, pp.BLOCK_N]), "out_desc": (h, [pp.BLOCK_M, pp.BLOCK_N])}
+    signature = {name: mangle_type(TensorDescriptor.from_tensor(t, b, gl.NVMMASharedLayout.get_default_for(b, gl.bfloat16)))
+                 for name, (t, b) in blocks.items()}
+    constexprs = {"NUM_STAGES": pp.STAGES, "GM": pp.GROUP_M, "EPILOGUE": epilogue, "B_NK": b_nk,
+                  "CONSUMER_REGS": pp.CONSUMER_REGISTERS, "LOADER_REGS": pp.LOADER_REGISTERS}
+    signature.update(M="i32", N="i32", K="i32", **{name: "constexpr" for name in constexprs})
+    compiled = triton.compile(GluonASTSource(fn=pp._matmul_pingpong, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": pp.MAX_REGISTERS})
+    assert "cubin" in compiled.asm
+    ptx = compiled.asm["ptx"]
+    print(epilogue, "shared", compiled.metadata.shared, "wgmma", ptx.count("wgmma.mma_async"),
+          "setmaxnreg", ptx.count("setmaxnreg"), "tanh", ptx.count("tanh.approx.f32"),
+          "stores", ptx.count("cp.async.bulk.tensor.2d.global.shared"))
 """
 
 
 def test_pingpong_kernel_compiles_for_hopper(tmp_path):
-    """imagegen.dgelu_pingpong's Gluon kernel compiles to an sm_90 cubin without a GPU (so a Triton whose Gluon
-    API moved fails here, not on the GPU), with its warp-specialized partitions and within the 227 KiB of shared
-    memory an H100/H200 program may have. Its results: test_gpu.py."""
+    """imagegen.dgelu_pingpong's Gluon kernel compiles to sm_90 cubins without a GPU (so a Triton whose Gluon
+    API moved fails here, not on the GPU), for the MLP backward (gelu') and forward (h and gelu(h), B transposed
+    in shared memory), with its warp-specialized partitions and within the 227 KiB of shared memory an
+    H100/H200 program may have; the forward's epilogue has its tanh and two TMA stores. Results: test_gpu.py."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     import re
 
     out = run_python(PINGPONG_COMPILE, TRITON_CACHE_DIR=str(tmp_path))
-    shared, wgmma, setmaxnreg = map(int, re.search(r"shared (\d+) wgmma (\d+) setmaxnreg (\d+)", out).groups())
-    assert shared <= 227 * 1024 and wgmma > 0 and setmaxnreg > 0, out
+    found = re.findall(r"(\w+) shared (\d+) wgmma (\d+) setmaxnreg (\d+) tanh (\d+) stores (\d+)", out)
+    assert [f[0] for f in found] == ["dgelu", "gelu"], out
+    for _, shared, wgmma, setmaxnreg, _, _ in found:
+        assert int(shared) <= 227 * 1024 and int(wgmma) > 0 and int(setmaxnreg) > 0, out
+    (_, *_, dgelu_stores), (_, *_, tanh, gelu_stores) = found
+    assert int(tanh) > 0 and int(gelu_stores) > int(dgelu_stores), out

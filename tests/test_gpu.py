@@ -274,19 +274,21 @@ def test_matmul_dgelu_equals_reference_in_bf16(M, K, N):
     assert not dgelu_matmul._failed  # LAUNCH's setting ran the kernel, not the fallback
 
 
-@pytest.mark.parametrize("fused_backward", [False, True], ids=["cublas-backward", "fused-backward"])
+@pytest.mark.parametrize("fused", [False, True], ids=["cublaslt", "fused"])
 @pytest.mark.parametrize("tokens,width", [(4096, 64), (300, 128)], ids=["4096x64", "300x128"])
-def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width, fused_backward):
+def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width, fused):
     """imagegen.gelu_mlp under bf16 autocast, eager and compiled (the custom op), against the fp32 MLP:
-    output and gradients within bf16 rounding; 300 rows is not a multiple of any tile. fused_backward: the
-    backward's first GEMM is imagegen.dgelu_matmul's."""
+    output and gradients within bf16 rounding; 300 rows is not a multiple of any tile. fused: the forward's
+    first GEMM is imagegen.dgelu_pingpong's on Hopper, the backward's imagegen.dgelu_matmul's; else cuBLASLt's
+    GELU epilogue forward."""
     import functools
 
     import torch.nn.functional as F
 
-    from imagegen.gelu_mlp import gelu_mlp
+    from imagegen import cublaslt, dgelu_pingpong
+    from imagegen import gelu_mlp as mlp_module
 
-    gelu_mlp = functools.partial(gelu_mlp, fused_backward=fused_backward)
+    gelu_mlp = functools.partial(mlp_module.gelu_mlp, fused=fused)
 
     torch.manual_seed(0)
     x = torch.randn(tokens, width, device="cuda") * 2
@@ -297,6 +299,7 @@ def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width, fused_backward):
     ref_y = F.linear(F.gelu(F.linear(leaves[0], leaves[1]), approximate="tanh"), leaves[2])
     ref_y.backward(dy)
     ref = [ref_y.detach(), *(t.grad for t in leaves)]
+    mlp_module.forward_kernels.clear()
     for name, fn in (("eager", gelu_mlp), ("compiled", torch.compile(gelu_mlp, fullgraph=True))):
         leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2)]
         with torch.autocast("cuda", torch.bfloat16):
@@ -304,12 +307,37 @@ def test_fused_gelu_mlp_equals_reference_in_bf16(tokens, width, fused_backward):
         assert y.dtype == torch.bfloat16
         y.backward(dy.bfloat16())
         errs = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([y.detach(), *(t.grad for t in leaves)], ref)]
-        print(f"bf16 fused GELU MLP {name:8s} {tokens}x{width} fused_backward={fused_backward} max rel err (y, dx, dW1, dW2) = {max(errs):.2e}")
+        print(f"bf16 fused GELU MLP {name:8s} {tokens}x{width} fused={fused} max rel err (y, dx, dW1, dW2) = {max(errs):.2e}")
         assert max(errs) < 2e-2
-    from imagegen import cublaslt
+    hopper = dgelu_pingpong.pingpong_runs(x)
+    # the fused GEMM ran, no fallback: the Gluon kernel (fused, Hopper) or cuBLASLt's GELU epilogue
+    assert mlp_module.forward_kernels == ({"pingpong"} if fused and hopper else {"cublaslt"})
+    if not (fused and hopper):
+        assert (tokens, "gelu_aux") in {(p["M"], p["epilogue"]) for p in cublaslt.plans()}
 
-    epilogues = {(p["M"], p["epilogue"]) for p in cublaslt.plans()}
-    assert (tokens, "gelu_aux") in epilogues  # the fused GEMM ran, no fallback
+
+@pytest.mark.parametrize("M,K,N", [(300, 128, 200), (4096, 512, 2048), (24576, 512, 2048)])
+def test_pingpong_gelu_forward_equals_reference_in_bf16(M, K, N):
+    """imagegen.dgelu_pingpong's forward (Hopper): h = x @ w^T and g = gelu_tanh(h) within bf16 rounding of
+    fp32, on sizes that are no multiple of its tiles too; the same h and g as cuBLASLt's GELU_AUX epilogue up
+    to rounding."""
+    import torch.nn.functional as F
+
+    from imagegen import cublaslt, dgelu_pingpong
+
+    torch.manual_seed(0)
+    x, w = torch.randn(M, K, device="cuda").bfloat16(), (torch.randn(N, K, device="cuda") / K**0.5).bfloat16()
+    if not dgelu_pingpong.pingpong_runs(x):
+        pytest.skip("the Gluon kernel needs a Hopper GPU and Triton's Gluon")
+    h_ref = x.float() @ w.float().t()
+    g_ref = F.gelu(h_ref, approximate="tanh")
+    g, h, _ = dgelu_pingpong.matmul_gelu_pingpong(x, w)
+    errs = [((a.float() - b).norm() / b.norm()).item() for a, b in ((h, h_ref), (g, g_ref))]
+    g_lt, h_lt = cublaslt.matmul_gelu(x, w.t())
+    vs_cublaslt = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in ((h, h_lt), (g, g_lt))]
+    print(f"pingpong gelu forward {M}x{K}x{N}: rel err (h, g) {errs[0]:.2e} {errs[1]:.2e}, "
+          f"against cuBLASLt {vs_cublaslt[0]:.2e} {vs_cublaslt[1]:.2e}")
+    assert max(errs) < 1e-2 and max(vs_cublaslt) < 1e-2, (errs, vs_cublaslt)
 
 
 @pytest.mark.parametrize("backend", ["cublaslt", "fused"])
