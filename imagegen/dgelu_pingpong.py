@@ -1,26 +1,33 @@
-"""The gelu' GEMM of imagegen.dgelu_matmul with its epilogue overlapped: a Gluon kernel with two consumer
-warpgroups in ping-pong (Hopper).
+"""The MLP's GELU GEMMs with their epilogues overlapped: Gluon kernels with two consumer warpgroups in ping-pong
+(Hopper), for the backward's gelu' GEMM of imagegen.dgelu_matmul and the forward's h, gelu(h) GEMM of
+imagegen.gelu_mlp.
 
 In dgelu_matmul's Triton kernel every program runs its tile's matmul, then its epilogue (load the tile of h,
 compute gelu', store dh), and the two programs that share an SM do so in step, so the tensor cores wait while
 both run epilogues. Here each persistent program (one per SM) has three partitions (Gluon's warp specialization):
-- a loader warp issues the TMA loads of dy and w tiles into a ring of STAGES shared-memory slots, tile after
+- a loader warp issues the TMA loads of A and B tiles into a ring of STAGES shared-memory slots, tile after
   tile in order;
-- two consumer warpgroups take alternate tiles. Each starts the TMA load of its tile of h, waits for its turn
-  (the other consumer has waited for all the slots of the tile before; a slot's barrier tells its rounds apart
-  only by parity, so no consumer may run a round ahead), runs the wgmma K loop into its own 128 x 128 fp32
-  accumulator, hands the turn over, then multiplies by gelu'(h) and stores dh by TMA through the buffer h came in.
-So one consumer's matmul runs while the other's epilogue does: the CUTLASS "ping-pong" schedule.
+- two consumer warpgroups take alternate tiles. Each (backward) starts the TMA load of its tile of h, waits for
+  its turn (the other consumer has waited for all the slots of the tile before; a slot's barrier tells its rounds
+  apart only by parity, so no consumer may run a round ahead), runs the wgmma K loop into its own 128 x 128 fp32
+  accumulator, hands the turn over, then runs its epilogue: the backward multiplies by gelu'(h) and stores dh by
+  TMA through the buffer h came in; the forward stores h, computes gelu(h) while h leaves, then stores it
+  through the same buffer.
+So one consumer's matmul runs while the other's epilogue does: the CUTLASS "ping-pong" schedule. The forward's
+B is the fc weight as it is, (N, K): its tiles are loaded as (BN, BK) and handed to wgmma transposed.
 
-H200, 32768 x 2048 x 512 (`scripts/pingpong_check.py`, benchmarks/h200k): 0.145 ms against 0.170 ms for
-dgelu_matmul's Triton kernel (its GEMM alone 0.112 ms, cuBLAS's 0.117); 0.112 vs 0.129 ms at 24576 rows. Three
-stages instead of five: 0.166 ms.
+H200, 32768 x 2048 x 512 (`scripts/pingpong_check.py`, benchmarks/h200k): the backward 0.145 ms against 0.170 ms
+for dgelu_matmul's Triton kernel (its GEMM alone 0.112 ms, cuBLAS's 0.117); 0.112 vs 0.129 ms at 24576 rows.
+Three stages instead of five: 0.166 ms. The forward at 24576 x 512 x 2048 (benchmarks/h200q/forward_pingpong):
+0.1036 ms against 0.1087 ms for cuBLASLt's GELU_AUX epilogue (its plain GEMM 0.0746 ms).
 
     dh, compiled = matmul_dgelu_pingpong(dy, w, h)      # dy (M, K), w (K, N), h (M, N) bf16/fp16 -> (M, N)
+    g, h, compiled = matmul_gelu_pingpong(x, w1)         # x (M, K), w1 (N, K) -> gelu(x w1^T), x w1^T (M, N)
 
 Runs on CUDA GPUs of compute capability 9.x with a Triton that has Gluon's Hopper API (`pingpong_runs`; written
 for Triton 3.6, compiled for sm_90 by the CPU tests with the installed Triton). imagegen.dgelu_matmul calls it for
-Launch(pingpong=True), its LAUNCH["matmul"], and falls back to its Triton kernel where it cannot run or fails.
+Launch(pingpong=True), its LAUNCH["matmul"], and falls back to its Triton kernel where it cannot run or fails;
+imagegen.gelu_mlp calls the forward for model.mlp_backend=fused and falls back to cuBLASLt's GELU_AUX epilogue.
 """
 
 from __future__ import annotations
