@@ -97,6 +97,35 @@ def test_matmul_dgelu_falls_back_kernel_by_kernel_with_a_warning_each(monkeypatc
     assert tried == [dgelu_matmul.LAUNCH["matmul"], dgelu_matmul.LAUNCH["fallback"]]
 
 
+def test_fused_forward_falls_back_to_the_other_gemms_with_one_warning(monkeypatch):
+    """If the forward's Gluon kernel fails, the fused MLP warns once and computes the same output by the other
+    path (cuBLASLt's epilogue on a GPU; torch.mm and F.gelu here), and does not try the kernel again;
+    IMAGEGEN_FORWARD_PINGPONG=0 turns it off without a warning."""
+    from imagegen import dgelu_pingpong
+    from imagegen import gelu_mlp as mlp_module
+
+    tried = []
+
+    def fail(x, w, programs=0):
+        tried.append(x.shape)
+        raise RuntimeError("CompilationError: this Triton's Gluon has no warp_specialize")
+
+    monkeypatch.setattr(mlp_module, "_pingpong_failed", [])
+    monkeypatch.setattr(dgelu_pingpong, "pingpong_runs", lambda x: True)  # as on a Hopper GPU
+    monkeypatch.setattr(dgelu_pingpong, "matmul_gelu_pingpong", fail)
+    x, w1, w2 = (t.bfloat16() for t in (torch.randn(8, 64), torch.randn(256, 64) / 8, torch.randn(64, 256) / 16))
+    reference = F.linear(F.gelu(F.linear(x, w1), approximate="tanh"), w2)  # (the kernel takes 16-bit operands)
+    with pytest.warns(UserWarning, match="forward's Gluon GEMM failed .*no warp_specialize.*cuBLASLt"):
+        got = mlp_module.gelu_mlp(x, w1, w2, fused=True)
+    torch.testing.assert_close(got, reference)
+    torch.testing.assert_close(mlp_module.gelu_mlp(x, w1, w2, fused=True), reference)  # not tried again
+    assert tried == [(8, 64)]
+    monkeypatch.setattr(mlp_module, "_pingpong_failed", [])
+    monkeypatch.setenv(mlp_module.FORWARD_PINGPONG_ENV, "0")
+    torch.testing.assert_close(mlp_module.gelu_mlp(x, w1, w2, fused=True), reference)
+    assert tried == [(8, 64)]
+
+
 def test_unknown_mlp_backend_is_refused():
     with pytest.raises(ValueError, match="mlp_backend must be one of"):
         ModelConfig(vocab_size=11, height=4, width=5, mlp_backend="cutlass")
