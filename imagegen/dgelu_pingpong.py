@@ -19,7 +19,10 @@ B is the fc weight as it is, (N, K): its tiles are loaded as (BN, BK) and handed
 H200, 32768 x 2048 x 512 (`scripts/pingpong_check.py`, benchmarks/h200k): the backward 0.145 ms against 0.170 ms
 for dgelu_matmul's Triton kernel (its GEMM alone 0.112 ms, cuBLAS's 0.117); 0.112 vs 0.129 ms at 24576 rows.
 Three stages instead of five: 0.166 ms. The forward at 24576 x 512 x 2048 (benchmarks/h200q/forward_pingpong):
-0.1036 ms against 0.1087 ms for cuBLASLt's GELU_AUX epilogue (its plain GEMM 0.0746 ms).
+0.1036 ms against 0.1087 ms for cuBLASLt's GELU_AUX epilogue (its plain GEMM 0.0746 ms). A second output buffer
+per consumer (so gelu(h) need not wait for h to leave), with room made by K tiles of 32 and 6 stages, was slower
+(0.1246 ms; the backward 0.1184 against 0.1131), and so were K tiles of 32 alone (0.1119, 0.1176; tried in a
+working tree, not kept: benchmarks/h200q/forward_pingpong/pingpong_buffers.txt).
 
     dh, compiled = matmul_dgelu_pingpong(dy, w, h)      # dy (M, K), w (K, N), h (M, N) bf16/fp16 -> (M, N)
     g, h, compiled = matmul_gelu_pingpong(x, w1)         # x (M, K), w1 (N, K) -> gelu(x w1^T), x w1^T (M, N)
