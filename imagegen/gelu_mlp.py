@@ -5,7 +5,7 @@ writes gelu(h); the backward's first GEMM writes dg = dy @ W2, then another pass
 dh = dg * gelu'(h). Here:
 - forward (model.mlp_backend=cublaslt and fused): one GEMM writes both h and gelu(h), the GELU applied to the
   fp32 accumulator (the unfused path rounds h to bf16 first): with fused on Hopper, imagegen.dgelu_pingpong's
-  Gluon kernel, whose epilogue (two stores) overlaps the next tile's matmul; elsewhere cuBLASLt's
+  Gluon kernel, whose epilogue (two stores) overlaps the other consumer warpgroup's matmul; elsewhere cuBLASLt's
   (imagegen.cublaslt, epilogue GELU_AUX);
 - backward (fused only): dh comes from one GEMM with gelu' in its epilogue (imagegen.dgelu_matmul): on
   Hopper a Gluon kernel whose epilogue overlaps the matmul (imagegen.dgelu_pingpong), 0.145 ms at
@@ -24,7 +24,8 @@ epilogue kernel of 0.56 ms per layer at 32768 x 2048, five times Inductor's fuse
 
 The fused GEMMs run on CUDA in bf16/fp16 with C and 4C multiples of 8 (`gelu_mlp_runs`; under autocast the
 inputs are cast to the autocast dtype, as F.linear would; the backward's also needs a GPU with TMA and C a
-multiple of 64, `dgelu_matmul.matmul_dgelu_runs`, else it takes cuBLAS's path). Anywhere else the same op
+multiple of 64, `dgelu_matmul.matmul_dgelu_runs`, else it takes cuBLAS's path; the Gluon forward a Hopper GPU and C
+a multiple of 64, `forward_pingpong_runs`, else cuBLASLt's). Anywhere else the same op
 computes the same thing with torch.mm and F.gelu (so the CPU tests check its gradients), as it does, with a
 warning, from the first time cuBLASLt refuses a call on. Under torch.compile it is a custom op (opaque to the
 compiler, with a fake shape and a registered backward the compiler traces); eager calls go through an
