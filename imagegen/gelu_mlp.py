@@ -41,7 +41,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from imagegen import cublaslt
+from imagegen import cublaslt, dgelu_pingpong
 from imagegen.dgelu_matmul import matmul_dgelu, matmul_dgelu_runs
 from imagegen.lt_linear import compute_dtype, flat_residual, mm
 
@@ -63,9 +63,8 @@ forward_kernels: set[str] = set()  # which forward GEMMs have run: "pingpong", "
 def forward_pingpong_runs(x: torch.Tensor, w1: torch.Tensor) -> bool:
     """Whether the fused forward takes imagegen.dgelu_pingpong's kernel: a Hopper GPU with Gluon, contiguous
     x (M, C), w1 (F, C) of one 16-bit dtype, C a multiple of 64 and F of 8, and not turned off."""
-    from imagegen.dgelu_pingpong import pingpong_runs
-
-    return (os.environ.get(FORWARD_PINGPONG_ENV, "1") != "0" and not _pingpong_failed and pingpong_runs(x)
+    return (os.environ.get(FORWARD_PINGPONG_ENV, "1") != "0" and not _pingpong_failed
+            and dgelu_pingpong.pingpong_runs(x)
             and x.dtype == w1.dtype and x.dtype in (torch.float16, torch.bfloat16) and x.is_contiguous()
             and w1.is_contiguous() and x.shape[1] == w1.shape[1] and x.shape[1] % 64 == 0 and w1.shape[0] % 8 == 0)
 
@@ -73,10 +72,8 @@ def forward_pingpong_runs(x: torch.Tensor, w1: torch.Tensor) -> bool:
 def _fc_gelu_kernels(x: torch.Tensor, w1: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, C), w1 (F, C) -> g = gelu(h), h = x @ w1^T, each (M, F); fused: the Gluon kernel where it runs."""
     if fused and forward_pingpong_runs(x, w1):
-        from imagegen.dgelu_pingpong import matmul_gelu_pingpong
-
         try:
-            g, h, _ = matmul_gelu_pingpong(x, w1)
+            g, h, _ = dgelu_pingpong.matmul_gelu_pingpong(x, w1)
             forward_kernels.add("pingpong")
             return g, h
         except Exception as e:  # noqa: BLE001 (e.g. a Triton whose Gluon API differs: its own error types)
