@@ -16,6 +16,7 @@ import importlib.util
 import math
 import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -284,11 +285,13 @@ def kernel_group(name: str) -> str:
 
 def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False, steps: int = 5,
                  residual_dtype: str = "float32", mlp_backend: str = "torch",
-                 compile_mode: str = "default") -> dict:
+                 compile_mode: str = "default", trace: str | None = None) -> dict:
     """Where one training step's GPU time goes: torch.profiler over `steps` steps of our model compiled with
     `compile_mode` (reduce-overhead: the kernels replayed from CUDA graphs, as the fastest train rows run),
     kernels summed by group (attention, matmul, Triton fusions, optimizer, other) and the top kernels.
-    On a CPU (quick) it profiles the eager step's operators instead."""
+    On a CPU (quick) it profiles the eager step's operators instead. `trace`: also write the profiled steps
+    as a Chrome trace there (open it in https://ui.perfetto.dev; a name ending in .gz is gzipped), to see
+    what the host was doing when the GPU sat idle."""
     from torch.profiler import ProfilerActivity, profile
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,12 +305,15 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
             step()
     with ClockSampler() as clocks:
         timed_ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)  # the step as the train table times it
+    syncs = synchronizing_calls(step) if device == "cuda" else []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         if device == "cuda":
             torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
     kernels, operators = [], []
     for evt in prof.key_averages():
         if device == "cuda" and evt.device_type.name == "CPU" and evt.key.startswith("aten::"):
@@ -332,10 +338,25 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "size": label, "model": with_settings(kind, compile_mode if device == "cuda" else "default",
                                                   residual_dtype, mlp_backend),
-            "N": H * W * C, "batch": batch, "timed_ms_per_step": timed_ms, "host_ms_per_step": host_ms(step, device),
+            "N": H * W * C, "batch": batch, "profiled_steps": steps, "timed_ms_per_step": timed_ms, "host_ms_per_step": host_ms(step, device),
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
             "operators": operators, "gaps": device_gaps(prof.events(), steps) if device == "cuda" else {},
-            "clocks": clocks.summary()}
+            "clocks": clocks.summary(), "syncs": syncs}
+
+
+def synchronizing_calls(step) -> list[str]:
+    """The host-device synchronisations one call of step() makes, as torch.cuda.set_sync_debug_mode reports
+    them (ATen operators that wait for the GPU, such as .item() or a copy to the CPU): each warning's text and
+    the line that made it. A synchronisation in a step leaves the GPU idle until the host issues more work."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
+            if "called a synchronizing" in str(w.message)]
 
 
 GAP_BUCKETS_US = (5, 20, 100)
@@ -386,6 +407,15 @@ def _clock_note(result: dict) -> str:
             f"power limit in {100 * c['power_capped']:.0f}% of the samples." if c else "")
 
 
+def _sync_note(result: dict) -> str:
+    if "syncs" not in result or result["device"] == "cpu":
+        return ""
+    syncs = result["syncs"]
+    return (" No ATen operator in the step synchronises the host with the GPU." if not syncs else
+            f" {len(syncs)} ATen operator call(s) in the step synchronise the host with the GPU: "
+            + "; ".join(f"`{s}`" for s in syncs[:5]) + ".")
+
+
 def format_profile(result: dict, top: int = 25) -> str:
     total = sum(result["groups"].values())
     out = [(f"Where a training step's time goes: ours, {result['model']}, {result['size']}, {result['N']} x "
@@ -394,10 +424,13 @@ def format_profile(result: dict, top: int = 25) -> str:
     for group, ms in sorted(result["groups"].items(), key=lambda kv: -kv[1]):
         out.append(f"| {group} | {ms:.2f} | {100 * ms / total:.0f}% |")
     out += [f"| total | {total:.2f} | |", "",
-            (f"The step as timed alone: {result['timed_ms_per_step']:.2f} ms, of which the kernels above keep the "
-             f"{result['device']} busy {100 * min(1.0, total / result['timed_ms_per_step']):.0f}%; issuing it takes the "
+            (f"The step as timed alone (a sustained run of steps, as the train table times it): "
+             f"{result['timed_ms_per_step']:.2f} ms; the kernels above, from a burst of "
+             f"{result.get('profiled_steps', 5)} profiled steps, {total:.2f} ms a step (under a power limit a sustained "
+             f"run clocks lower than a burst; the idle time between kernels is below); issuing it takes the "
              f"host {result.get('host_ms_per_step', float('nan')):.2f} ms; "
-             f"{result['launches_per_step']:.0f} kernels (operators on a CPU) per step.{_clock_note(result)}"), "",
+             f"{result['launches_per_step']:.0f} kernels (operators on a CPU) per step.{_clock_note(result)}"
+             f"{_sync_note(result)}"), "",
             f"Top {top} kernels", "| kernel | group | ms/step | calls/step |", "|---|---|---|---|"]
     for k in result["kernels"][:top]:
         out.append(f"| `{k['name'][:90]}` | {k['group']} | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |")

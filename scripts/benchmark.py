@@ -31,6 +31,7 @@ def main():
                                            "mlp", "gemms", "dgelu", "sums"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--trace", help="profile: also write the profiled steps as a Chrome trace here (.json or .json.gz)")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
     parser.add_argument("--sizes", type=int, nargs="+",
                         help="train: which of the sizes to run (0, 1, 2); profile, gemms: the first; tune: which "
@@ -69,7 +70,8 @@ def main():
         "tune": (lambda: kernel_tuning.tune(shapes=args.sizes), kernel_tuning.format_tuning),
         "profile": (lambda: train_benchmark.profile_step(
             args.model, first_size, quick=args.quick, residual_dtype=args.residual_dtypes[0],
-            mlp_backend=args.mlp_backends[0], compile_mode=args.compile_modes[0]), train_benchmark.format_profile),
+            mlp_backend=args.mlp_backends[0], compile_mode=args.compile_modes[0], trace=args.trace),
+            train_benchmark.format_profile),
         "gemms": (lambda: gemm_survey.bench_gemms(first_size), gemm_survey.format_gemms),
         "dgelu": (dgelu_survey.bench_dgelu, dgelu_survey.format_dgelu),
         "sums": (sums_survey.bench_sums, sums_survey.format_sums),

@@ -15,7 +15,8 @@
 # calls:     scripts/benchmark.py calls: one attention call's eager, CUDA-graph and host time, and its kernels
 # profile:   scripts/benchmark.py profile for model=sparse at PROFILE_SIZES (default "0 1"): kernel time by group
 #            (PROFILE_RESIDUAL: the residual-stream dtype, default float32; PROFILE_MLP: model.mlp_backend;
-#            PROFILE_MODE: the torch.compile mode, default "default", e.g. reduce-overhead for CUDA graphs)
+#            PROFILE_MODE: the torch.compile mode, default "default", e.g. reduce-overhead for CUDA graphs;
+#            PROFILE_TRACE=1: also trace_SIZE.json.gz, the profiled steps as a Chrome trace)
 # mlp:       scripts/benchmark.py mlp: the MLP alone, forward + backward, unfused vs its forward GELU in a cuBLASLt epilogue
 # dgelu:     scripts/benchmark.py dgelu: the MLP's dgrad GEMM with gelu', cuBLAS + elementwise vs imagegen.dgelu_matmul
 # sums:      scripts/benchmark.py sums: a layer norm's final column sums, ATen vs imagegen.inductor_sums
@@ -98,7 +99,7 @@ for stage in "$@"; do
                python scripts/benchmark.py profile --model sparse --sizes "$size" \
                  --residual-dtypes "${PROFILE_RESIDUAL:-float32}" --mlp-backends "${PROFILE_MLP:-torch}" \
                  --compile-modes "${PROFILE_MODE:-default}" \
-                 --out "$OUT/profile_$size.json" \
+                 --out "$OUT/profile_$size.json" ${PROFILE_TRACE:+--trace "$OUT/trace_$size.json.gz"} \
                  2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \
              ${TEST_K:+-k "$TEST_K"} > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"

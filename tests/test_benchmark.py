@@ -1,5 +1,6 @@
 """scripts/benchmark.py runs end to end in --quick mode (no timing claims on a CPU)."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -19,8 +20,11 @@ def test_benchmark_quick_modes_run(tmp_path):
 
 def test_profile_splits_a_step_into_groups_that_add_up(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "profile", "--quick",
-                           "--out", str(tmp_path / "profile.json")], capture_output=True, text=True, check=False)
+                           "--out", str(tmp_path / "profile.json"), "--trace", str(tmp_path / "trace.json.gz")],
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+    with gzip.open(tmp_path / "trace.json.gz") as f:  # --trace: the profiled steps as a Chrome trace
+        assert any(e.get("name") == "aten::mm" for e in json.load(f)["traceEvents"])
     result = json.loads((tmp_path / "profile.json").read_text())
     assert {"attention", "matmul"} <= set(result["groups"])  # a step runs both
     total = sum(k["ms_per_step"] for k in result["kernels"])
@@ -108,6 +112,10 @@ def test_profile_table_names_the_operators_behind_kernels():
     assert "ATen operators" not in format_profile(result) and "MHz" not in format_profile(result)
     result["clocks"] = {"sm_mhz": 1650, "power_w": 690.0, "power_capped": 0.95, "thermal": 0.0, "samples": 30}
     assert "the card ran at 1650 MHz and 690 W, held down by its power limit in 95% of the samples" in format_profile(result)
+    result["syncs"] = []
+    assert "No ATen operator in the step synchronises" in format_profile(result)
+    result["syncs"] = ["model.py:236: called a synchronizing CUDA operation"]
+    assert "1 ATen operator call(s) in the step synchronise the host with the GPU: `model.py:236" in format_profile(result)
 
 
 def test_device_gaps_measure_idle_time_between_kernels_over_the_steps():

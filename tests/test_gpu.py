@@ -252,6 +252,18 @@ def test_clock_sampler_reads_the_cards_sm_clock_and_power_while_it_works():
     assert summary["samples"] >= 3 and 100 < summary["sm_mhz"] < 4000 and 10 < summary["power_w"] < 2000
 
 
+def test_profile_reports_the_synchronisations_a_step_makes():
+    """scripts/benchmark.py profile lists the ATen calls in a step that wait for the GPU (.item() here), with
+    the line that made each, and none for a step without one; the sync debug mode is off again afterwards."""
+    from imagegen.train_benchmark import synchronizing_calls
+
+    x = torch.ones(8, device="cuda")
+    assert synchronizing_calls(lambda: x * 2) == []
+    syncs = synchronizing_calls(lambda: (x * 2).sum().item())
+    assert len(syncs) == 1 and "test_gpu.py" in syncs[0], syncs
+    assert torch.cuda.get_sync_debug_mode() == 0
+
+
 @pytest.mark.parametrize("M,K,N", [(4096, 512, 2048), (300, 128, 200)], ids=["4096x512x2048", "300x128x200"])
 def test_matmul_dgelu_equals_reference_in_bf16(M, K, N):
     """imagegen.dgelu_matmul, as the model calls it and with each launch setting benchmark.py dgelu times (the
