@@ -292,7 +292,7 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     On a CPU (quick) it profiles the eager step's operators instead. `trace`: also write the profiled steps
     as a Chrome trace there (open it in https://ui.perfetto.dev; a name ending in .gz is gzipped), to see
     what the host was doing when the GPU sat idle."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = (QUICK_SIZES if quick else SIZES)[size_index]
@@ -307,12 +307,9 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
         timed_ms = time_ms(step, quick, warmup_ms=200, rep_ms=1500)  # the step as the train table times it
     syncs = synchronizing_calls(step) if device == "cuda" else []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    # one step under the profiler before the recorded ones, so that the first recorded step does not start on an
-    # idle GPU after the profiler starts (its host-side start-up would count as idle GPU time)
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
-        for _ in range(steps + 1):
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
             step()
-            prof.step()
         if device == "cuda":
             torch.cuda.synchronize()
     if trace:
