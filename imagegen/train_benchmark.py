@@ -437,7 +437,8 @@ def format_profile(result: dict, top: int = 25) -> str:
     if result.get("gaps"):
         g = result["gaps"]
         out += ["", (f"Idle GPU between kernels, per step: the kernels span {g['span_ms_per_step']:.2f} ms, some kernel "
-                     f"runs {g['busy_ms_per_step']:.2f} ms of it"),
+                     f"runs {g['busy_ms_per_step']:.2f} ms of it (the first profiled step starts on an idle GPU, so "
+                     f"the host's start-up shows among the longest gaps)"),
                 "| gap | gaps/step | ms/step |", "|---|---|---|"]
         out += [f"| {b['from_us']}-{b['to_us']} us | {b['per_step']:.0f} | {b['ms_per_step']:.3f} |"
                 for b in g["buckets"]]
