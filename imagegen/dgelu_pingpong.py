@@ -22,7 +22,10 @@ Three stages instead of five: 0.166 ms. The forward at 24576 x 512 x 2048 (bench
 0.1036 ms against 0.1087 ms for cuBLASLt's GELU_AUX epilogue (its plain GEMM 0.0746 ms). A second output buffer
 per consumer (so gelu(h) need not wait for h to leave), with room made by K tiles of 32 and 6 stages, was slower
 (0.1246 ms; the backward 0.1184 against 0.1131), and so were K tiles of 32 alone (0.1119, 0.1176; tried in a
-working tree, not kept: benchmarks/h200q/forward_pingpong/pingpong_buffers.txt).
+working tree, not kept: benchmarks/h200q/forward_pingpong/pingpong_buffers.txt). Outputs stored from registers
+(gl.store in the accumulator's layout, 32-bit stores) instead of through shared memory and TMA were slower still:
+at 24576 rows the forward 0.1349 ms with gelu(h) so stored and 0.2052 with h as well, against 0.1020; the backward
+0.1322 against 0.1131 (benchmarks/h200r/direct_stores, a working tree, not kept).
 
     dh, compiled = matmul_dgelu_pingpong(dy, w, h)      # dy (M, K), w (K, N), h (M, N) bf16/fp16 -> (M, N)
     g, h, compiled = matmul_gelu_pingpong(x, w1)         # x (M, K), w1 (N, K) -> gelu(x w1^T), x w1^T (M, N)
