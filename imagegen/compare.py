@@ -6,7 +6,9 @@
 
 Prints a table (params, steps, tokens, wall-clock, tokens/s, best validation metric), the runs read at
 the same step and at the same second (which is ahead per step, which per second), and writes a PNG: the
-validation metric against tokens seen and against wall-clock time, one line per run.
+validation metric (top) and the training loss (bottom) against tokens seen and against wall-clock time, one
+line per run. The training loss is logged far more often than validations run, so it shows a short run's
+course where the validation metric has one point.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
 
 
 def validation_curve(rows: list[dict], key: str) -> list[dict]:
-    """[{step, tokens, seconds, value}] for each validation, with tokens seen and wall-clock at that step."""
+    """[{step, tokens, seconds, value}] for each row logging `key` (a validation metric, the training loss),
+    with tokens seen and wall-clock at that step."""
     def series(name):
         pts = sorted((r["step"], r[name]) for r in rows if name in r and "step" in r)
         return [p[0] for p in pts], [p[1] for p in pts]
@@ -107,6 +110,7 @@ def summarize(run_dir: str) -> dict:
         "last_val": curve[-1]["value"] if curve else float("nan"),
         "best_val": min(p["value"] for p in curve) if curve else float("nan"),
         "curve": curve,
+        "train_curve": validation_curve(rows, "train/loss"),
     }
 
 
@@ -156,28 +160,31 @@ def head_to_head(summaries: list[dict]) -> str:
 
 
 def plot(summaries: list[dict], path: str) -> str:
-    """Validation metric against tokens seen (left) and wall-clock seconds (right), one line per run."""
+    """The validation metric (top row) and the training loss (bottom row) against tokens seen (left) and
+    wall-clock seconds (right), one colour per run, the legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for s in summaries:
-        if not s["curve"]:
-            continue
-        for ax, x in zip(axes, ("tokens", "seconds")):
-            ax.plot([p[x] for p in s["curve"]], [p["value"] for p in s["curve"]], marker="o", markersize=3,
-                    label=s["label"])
-    metrics = sorted({s["metric"] for s in summaries})
-    axes[0].set_xlabel("tokens seen")
-    axes[1].set_xlabel("wall-clock (s, training incl. validation)")
-    axes[0].set_ylabel(" / ".join(metrics))
-    for ax in axes:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="col", sharey="row")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, s in enumerate(summaries):
+        colour = colours[i % len(colours)]
+        for row, (curve, marker) in enumerate(((s["curve"], "o"), (s["train_curve"], None))):
+            for ax, x in zip(axes[row], ("tokens", "seconds")):
+                ax.plot([p[x] for p in curve], [p["value"] for p in curve], color=colour, marker=marker,
+                        markersize=4, linewidth=1.2, label=s["label"] if row == 0 and x == "tokens" else None)
+    axes[0][0].set_ylabel(" / ".join(sorted({s["metric"] for s in summaries})) + " (validation)")
+    axes[1][0].set_ylabel("train/loss (nats per token)")
+    axes[1][0].set_xlabel("tokens seen")
+    axes[1][1].set_xlabel("wall-clock (s, training incl. validation)")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("validation metric: per token and per second")
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=1 if max((len(s["label"]) for s in summaries), default=0) > 40 else 2,
+               frameon=False)
+    fig.suptitle("validation metric and training loss: per token and per second")
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * len(summaries), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -4,7 +4,7 @@
     python scripts/compare.py multirun/DATE/TIME --out dense_vs_sparse.png    # every job of a sweep
 
 Prints a markdown table, the runs read at the same step and at the same second, and writes a PNG of
-the validation metric against tokens and wall-clock.
+the validation metric and the training loss against tokens and wall-clock.
 """
 
 import argparse

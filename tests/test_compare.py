@@ -46,3 +46,27 @@ def test_runs_of_one_model_are_told_apart_by_their_settings(tmp_path):
     write_run(tmp_path / "c", "sparse", 1.0, [2.0], compile_mode="off", residual_dtype="float32")
     labels = [summarize(str(tmp_path / name))["label"] for name in "abc"]
     assert labels == ["sparse", "sparse, autocast residual, reduce-overhead", "sparse"]
+
+
+def test_plot_draws_the_training_loss_beside_the_validations(tmp_path):
+    """The training loss, logged every few steps, is read with its tokens and seconds and drawn in the plot's
+    second row (a run with one validation still shows its course); a run without it plots too."""
+    from imagegen.compare import plot
+
+    run_dir = tmp_path / "a"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"model": "sparse", "metric": "val/bits_per_dim"}))
+    keys = ["step", "perf/tokens_seen", "perf/wall_clock_s", "train/loss", "val/bits_per_dim"]
+    with open(run_dir / "metrics.csv", "w", newline="") as f:  # the logger's rows: losses, then a validation
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for step, loss in ((25, 5.0), (50, 4.0), (75, 3.5)):
+            writer.writerow({"step": step, "perf/tokens_seen": 64 * step, "perf/wall_clock_s": step, "train/loss": loss})
+        writer.writerow({"step": 75, "val/bits_per_dim": 2.0})
+    run = summarize(str(run_dir))
+    assert [(p["step"], p["tokens"], p["seconds"], p["value"]) for p in run["train_curve"]] == [
+        (25, 1600, 25, 5.0), (50, 3200, 50, 4.0), (75, 4800, 75, 3.5)]
+    assert [(p["tokens"], p["value"]) for p in run["curve"]] == [(4800, 2.0)]
+    write_run(tmp_path / "b", "dense", 1.0, [2.5])  # no training loss logged
+    plot([run, summarize(str(tmp_path / "b"))], str(tmp_path / "compare.png"))
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
