@@ -33,6 +33,8 @@
 #            (RUN_ARGS adds overrides to each; more than 8 files come out, so PACK=1 on the device tool)
 # (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
 # ddp:       model=sparse on 1 GPU, then DDP on 2 GPUs (DDP_STEPS steps each), compared (2-GPU machine)
+# fsdp:      trainer=fsdp on every GPU of the machine (FSDP_STEPS steps, default 100), then resumed from its last
+#            checkpoint for 50 more; logs, metrics and the checkpoint listing in $OUT/fsdp* (FSDP_ARGS adds overrides)
 # emoji:     experiment=emoji for each of EMOJI_MODELS (default "dense sparse"; EMOJI_DIR=the 64x64 PNGs,
 #            EMOJI_TIME=trainer.max_time), at the same time on one GPU each when the machine has enough
 #            (else one after the other), then 16 samples from each last checkpoint; each run's records
@@ -122,6 +124,14 @@ for stage in "$@"; do
            mkdir -p "$OUT/ddp_$n"; cp /tmp/ddp_$n/metrics.csv /tmp/ddp_$n/run.json "$OUT/ddp_$n/"
          done
          python scripts/compare.py /tmp/ddp_1 /tmp/ddp_2 --out "$OUT/ddp.png" | tee "$OUT/ddp.md" ;;
+    fsdp) export WANDB_MODE=offline; gpus=$(nvidia-smi -L | wc -l); steps=${FSDP_STEPS:-100}; dir=/tmp/fsdp_run
+          common="trainer=fsdp trainer.devices=$gpus model=sparse callbacks.sample_grid.every_n_steps=0 hydra.run.dir=$dir"
+          python scripts/train.py $common trainer.max_steps=$steps trainer.val_check_interval=$steps ${FSDP_ARGS:-} \
+            > "$OUT/fsdp.log" 2>&1; echo "fsdp on $gpus GPU(s): exit $?"
+          python scripts/train.py $common trainer.max_steps=$((steps + 50)) trainer.val_check_interval=$steps \
+            ckpt_path=$dir/checkpoints/last.ckpt ${FSDP_ARGS:-} > "$OUT/fsdp_resume.log" 2>&1; echo "resumed: exit $?"
+          mkdir -p "$OUT/fsdp"; cp $dir/metrics.csv $dir/run.json "$OUT/fsdp/"; ls -laR $dir/checkpoints > "$OUT/fsdp/checkpoints.txt"
+          tail -n 3 "$OUT/fsdp.log" "$OUT/fsdp_resume.log"; python scripts/compare.py $dir --out "$OUT/fsdp/fsdp.png" ;;
     emoji) export WANDB_MODE=offline; models=${EMOJI_MODELS:-dense sparse}; gpus=$(nvidia-smi -L | wc -l); i=0
            for model in $models; do   # one GPU a model when there are enough, so both see the same budget at once
              if [ "$gpus" -ge "$(echo $models | wc -w)" ]; then dev=$i; else dev=${CUDA_VISIBLE_DEVICES:-0}; fi
