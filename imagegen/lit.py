@@ -13,6 +13,7 @@ import math
 import lightning as L
 import torch
 
+from imagegen.loggers import wandb_run_id
 from imagegen.model import ImageTransformer, ModelConfig
 from imagegen.tokenizers import build_tokenizer
 
@@ -116,3 +117,6 @@ class ImageGPT(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["imagegen"] = {"format": CHECKPOINT_FORMAT, "grid": str(self.grid),
                                   "tokenizer": self.tokenizer.config()}
+        run_id = wandb_run_id(self.loggers) if self._trainer is not None else None
+        if run_id:  # resuming from this checkpoint continues the wandb run (imagegen.training)
+            checkpoint["imagegen"]["wandb_run_id"] = run_id

@@ -30,10 +30,12 @@ def wandb_logged_in() -> bool:
 
 
 def wandb_logger(save_dir: str, project: str = "imagegen", mode: str = "auto", name: str | None = None,
-                 group: str | None = None, tags: list | None = None, entity: str | None = None):
+                 group: str | None = None, tags: list | None = None, entity: str | None = None,
+                 continue_run: bool = True, run_id: str | None = None):
     """A Lightning WandbLogger. mode: auto (online when logged in, else offline), online, offline.
 
-    WANDB_MODE in the environment wins over `mode`, as wandb users expect.
+    WANDB_MODE in the environment wins over `mode`, as wandb users expect. `run_id`: the wandb run to continue
+    (a resumed training run passes its checkpoint's, unless continue_run is false).
     """
     from lightning.pytorch.loggers import WandbLogger
 
@@ -44,7 +46,18 @@ def wandb_logger(save_dir: str, project: str = "imagegen", mode: str = "auto", n
         mode = "online" if wandb_logged_in() else "offline"
     os.makedirs(save_dir, exist_ok=True)
     return WandbLogger(project=project, save_dir=save_dir, offline=mode != "online", name=name, group=group,
-                       tags=[str(t) for t in (tags or [])], entity=entity, log_model=False)
+                       tags=[str(t) for t in (tags or [])], entity=entity, log_model=False,
+                       id=run_id if continue_run else None)
+
+
+def wandb_run_id(loggers) -> str | None:
+    """The id of the wandb run among `loggers`, for the checkpoint (so that resuming continues the run); None
+    without wandb, and on ranks other than 0 (their logger holds a stand-in, not a run)."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            run_id = getattr(logger.experiment, "id", None)
+            return run_id if isinstance(run_id, str) else None
+    return None
 
 
 def finish_wandb(logger) -> str | None:

@@ -123,17 +123,20 @@ def fit_palette(cfg: DictConfig) -> str:
     return cfg.out
 
 
-def build_logger(cfg: DictConfig):
+def build_logger(cfg: DictConfig, wandb_run_id: str | None = None):
+    """The configured logger; wandb continues `wandb_run_id` (a resumed checkpoint's run) when given."""
     if not cfg.get("logger"):
         return False
+    if wandb_run_id and str(cfg.logger.get("_target_", "")).endswith(".wandb_logger"):
+        return build(cfg.logger, run_id=wandb_run_id)
     return build(cfg.logger)
 
 
-def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list:
+def build_loggers(cfg: DictConfig, resume_step: int | None = None, wandb_run_id: str | None = None) -> list:
     """The chosen logger, plus a RunCSVLogger writing `<run dir>/metrics.csv`: the local record that
     scripts/compare.py reads whatever logger was chosen, continued from `resume_step` when a resumed run
-    writes into the same run dir. logger=none: no loggers at all."""
-    logger = build_logger(cfg)
+    writes into the same run dir; wandb continues the resumed checkpoint's run. logger=none: no loggers."""
+    logger = build_logger(cfg, wandb_run_id)
     if not logger:
         return []
     if isinstance(logger, RunCSVLogger):
@@ -174,12 +177,13 @@ def train(cfg: DictConfig) -> dict:
     tokenizer_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
     tokenizer = build_tokenizer(tokenizer_cfg)
     mcfg = model_config(cfg, tokenizer)
-    ckpt_path, resume_step = cfg.get("ckpt_path"), None
+    ckpt_path, resume_step, wandb_run = cfg.get("ckpt_path"), None, None
     if ckpt_path:
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"ckpt_path {ckpt_path!r} does not exist")
         ckpt = load_checkpoint_info(ckpt_path)
         resume_step = ckpt.get("global_step")
+        wandb_run = (ckpt.get("imagegen") or {}).get("wandb_run_id")
         diffs = checkpoint_mismatch(ckpt, mcfg.to_dict(), tokenizer.config(), ckpt_path)
         del ckpt
         if diffs:
@@ -200,7 +204,7 @@ def train(cfg: DictConfig) -> dict:
                    f"grid {mcfg.grid} = {mcfg.grid.num_tokens} tokens, "
                    f"{module.model.num_params() / 1e6:.2f}M non-embedding parameters")
     # 3. train
-    loggers = build_loggers(cfg, resume_step)
+    loggers = build_loggers(cfg, resume_step, wandb_run)
     trainer = build(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg),
                     default_root_dir=cfg.paths.run_dir)
     for logger in loggers:
