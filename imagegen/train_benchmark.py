@@ -338,7 +338,8 @@ def profile_step(kind: str = "sparse", size_index: int = 0, quick: bool = False,
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "size": label, "model": with_settings(kind, compile_mode if device == "cuda" else "default",
                                                   residual_dtype, mlp_backend),
-            "N": H * W * C, "batch": batch, "profiled_steps": steps, "timed_ms_per_step": timed_ms, "host_ms_per_step": host_ms(step, device),
+            "N": H * W * C, "batch": batch, "profiled_steps": steps, "timed_ms_per_step": timed_ms,
+            "host_ms_per_step": host_ms(step, device),
             "launches_per_step": sum(k["calls_per_step"] for k in kernels), "groups": groups, "kernels": kernels,
             "operators": operators, "gaps": device_gaps(prof.events(), steps) if device == "cuda" else {},
             "clocks": clocks.summary(), "syncs": syncs}
@@ -348,13 +349,14 @@ def synchronizing_calls(step) -> list[str]:
     """The host-device synchronisations one call of step() makes, as torch.cuda.set_sync_debug_mode reports
     them (ATen operators that wait for the GPU, such as .item() or a copy to the CPU): each warning's text and
     the line that made it. A synchronisation in a step leaves the GPU idle until the host issues more work."""
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)
     return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
             if "called a synchronizing" in str(w.message)]
 
@@ -426,8 +428,8 @@ def format_profile(result: dict, top: int = 25) -> str:
     out += [f"| total | {total:.2f} | |", "",
             (f"The step as timed alone (a sustained run of steps, as the train table times it): "
              f"{result['timed_ms_per_step']:.2f} ms; the kernels above, from a burst of "
-             f"{result.get('profiled_steps', 5)} profiled steps, {total:.2f} ms a step (under a power limit a sustained "
-             f"run clocks lower than a burst; the idle time between kernels is below); issuing it takes the "
+             f"{result.get('profiled_steps', 5)} profiled steps, {total:.2f} ms a step (under a power limit a "
+             f"sustained run clocks lower than a burst; the idle time between kernels is below); issuing it takes the "
              f"host {result.get('host_ms_per_step', float('nan')):.2f} ms; "
              f"{result['launches_per_step']:.0f} kernels (operators on a CPU) per step.{_clock_note(result)}"
              f"{_sync_note(result)}"), "",

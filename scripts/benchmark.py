@@ -31,7 +31,8 @@ def main():
                                            "mlp", "gemms", "dgelu", "sums"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test on any machine")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--trace", help="profile: also write the profiled steps as a Chrome trace here (.json or .json.gz)")
+    parser.add_argument("--trace",
+                        help="profile: also write the profiled steps as a Chrome trace here (.json or .json.gz)")
     parser.add_argument("--anchor", help="train: the anchor's model_bench.py, timed in the same process")
     parser.add_argument("--sizes", type=int, nargs="+",
                         help="train: which of the sizes to run (0, 1, 2); profile, gemms: the first; tune: which "

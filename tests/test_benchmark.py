@@ -115,7 +115,8 @@ def test_profile_table_names_the_operators_behind_kernels():
     result["syncs"] = []
     assert "No ATen operator in the step synchronises" in format_profile(result)
     result["syncs"] = ["model.py:236: called a synchronizing CUDA operation"]
-    assert "1 ATen operator call(s) in the step synchronise the host with the GPU: `model.py:236" in format_profile(result)
+    text = format_profile(result)
+    assert "1 ATen operator call(s) in the step synchronise the host with the GPU: `model.py:236" in text
 
 
 def test_device_gaps_measure_idle_time_between_kernels_over_the_steps():

@@ -61,7 +61,8 @@ def test_plot_draws_the_training_loss_beside_the_validations(tmp_path):
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for step, loss in ((25, 5.0), (50, 4.0), (75, 3.5)):
-            writer.writerow({"step": step, "perf/tokens_seen": 64 * step, "perf/wall_clock_s": step, "train/loss": loss})
+            writer.writerow({"step": step, "perf/tokens_seen": 64 * step, "perf/wall_clock_s": step,
+                             "train/loss": loss})
         writer.writerow({"step": 75, "val/bits_per_dim": 2.0})
     run = summarize(str(run_dir))
     assert [(p["step"], p["tokens"], p["seconds"], p["value"]) for p in run["train_curve"]] == [
