@@ -133,6 +133,41 @@ class CrashCheckpoint(L.Callback):
                       f"(resume with ckpt_path={self.path})")
 
 
+class CurvesPicture(L.Callback):
+    """Draws `path`: the run's validation metric and training loss against tokens seen and wall-clock
+    (imagegen.compare's plot of the run's own metrics.csv), after every validation, when training ends and
+    when it stops on an error, so that a run has its curves to look at without wandb."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _draw(self, trainer) -> None:
+        from imagegen.compare import plot, summarize
+        from imagegen.loggers import RunCSVLogger
+
+        record = next((lg for lg in trainer.loggers if isinstance(lg, RunCSVLogger)), None)
+        if record is None:  # logger=none: no metrics.csv to draw from
+            return
+        record.save()  # what is buffered, into metrics.csv
+        if not os.path.isfile(os.path.join(record.log_dir, "metrics.csv")):
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        plot([summarize(record.log_dir)], self.path)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._draw(trainer)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module):
+        self._draw(trainer)
+
+    @rank_zero_only
+    def on_exception(self, trainer, pl_module, exception):
+        self._draw(trainer)
+
+
 class PatternPictures(L.Callback):
     """At the start of training, draws the model's attention layout (masks on a small grid, and the
     receptive field of one pixel after 1-3 layers) into `<dirpath>/` and logs it to wandb."""

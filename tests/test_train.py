@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ def test_tiny_run_writes_checkpoint_and_metrics(tiny_cfg, tmp_path):
         assert name in header
     assert metrics["val/bits_per_token"] > 0
     assert (run / "patterns" / "masks.png").is_file() and (run / "patterns" / "receptive_field.png").is_file()
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # validation metric and training loss
 
 
 def test_palette_travels_with_the_checkpoint(tiny_cfg, tmp_path):
@@ -76,6 +78,35 @@ def test_resume_into_the_same_run_dir_continues_its_metrics(tiny_cfg, tmp_path):
     moved = list(run.glob("metrics.*.csv"))
     assert len(moved) == 1 and list(csv.DictReader(moved[0].open())) == after
     assert max(float(r["step"]) for r in csv.DictReader(metrics.open())) < 2
+
+
+class StopAtStep(L.Callback):
+    """Raises in the middle of training, as a crash would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
+def test_a_crash_leaves_a_checkpoint_and_the_curves(tiny_cfg, tmp_path, monkeypatch):
+    """Training stopped by an exception leaves checkpoints/on_exception.ckpt at the step it reached (resumable)
+    and curves.png of what it logged (here before its first validation)."""
+    from imagegen import training
+
+    real_callbacks = training.build_callbacks
+    monkeypatch.setattr(training, "build_callbacks", lambda cfg: real_callbacks(cfg) + [StopAtStep(2)])
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="crash at step 2"):
+        train(tiny_cfg("trainer.max_steps=8", run_dir=run))
+    saved = torch.load(run / "checkpoints" / "on_exception.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr(training, "build_callbacks", real_callbacks)
+    train(tiny_cfg("trainer.max_steps=5", f"ckpt_path={run / 'checkpoints' / 'on_exception.ckpt'}", run_dir=run))
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5
 
 
 def test_subpixel_run_reports_bits_per_dim(tiny_cfg):
