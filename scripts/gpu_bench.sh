@@ -34,7 +34,8 @@
 # (DDP_ARGS and EMOJI_ARGS add overrides, e.g. a tiny CPU check of the stages themselves)
 # ddp:       model=sparse on 1 GPU, then DDP on 2 GPUs (DDP_STEPS steps each), compared (2-GPU machine)
 # fsdp:      trainer=fsdp on every GPU of the machine (FSDP_STEPS steps, default 100), then resumed from its last
-#            checkpoint for 50 more; logs, metrics and the checkpoint listing in $OUT/fsdp* (FSDP_ARGS adds overrides)
+#            checkpoint for 50 more; logs, metrics, curves.png and the checkpoints and wandb runs it left in $OUT/fsdp*
+#            (FSDP_ARGS adds overrides)
 # emoji:     experiment=emoji for each of EMOJI_MODELS (default "dense sparse"; EMOJI_DIR=the 64x64 PNGs,
 #            EMOJI_TIME=trainer.max_time), at the same time on one GPU each when the machine has enough
 #            (else one after the other), then 16 samples from each last checkpoint; each run's records
@@ -130,7 +131,8 @@ for stage in "$@"; do
             > "$OUT/fsdp.log" 2>&1; echo "fsdp on $gpus GPU(s): exit $?"
           python scripts/train.py $common trainer.max_steps=$((steps + 50)) trainer.val_check_interval=$steps \
             ckpt_path=$dir/checkpoints/last.ckpt ${FSDP_ARGS:-} > "$OUT/fsdp_resume.log" 2>&1; echo "resumed: exit $?"
-          mkdir -p "$OUT/fsdp"; cp $dir/metrics.csv $dir/run.json "$OUT/fsdp/"; ls -laR $dir/checkpoints > "$OUT/fsdp/checkpoints.txt"
+          mkdir -p "$OUT/fsdp"; cp $dir/metrics.csv $dir/run.json $dir/curves.png "$OUT/fsdp/"
+          (ls -la $dir/checkpoints; ls -d $dir/wandb/offline-run-*) > "$OUT/fsdp/files.txt"
           tail -n 3 "$OUT/fsdp.log" "$OUT/fsdp_resume.log"; python scripts/compare.py $dir --out "$OUT/fsdp/fsdp.png" ;;
     emoji) export WANDB_MODE=offline; models=${EMOJI_MODELS:-dense sparse}; gpus=$(nvidia-smi -L | wc -l); i=0
            for model in $models; do   # one GPU a model when there are enough, so both see the same budget at once
