@@ -19,7 +19,8 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs, every `every_n_steps` optimizer steps: perf/tokens_per_sec (training steps only, validation
+    """Logs, with Lightning's step metrics (every `trainer.log_every_n_steps` optimizer steps; `every_n_steps`
+    where Lightning does not say): perf/tokens_per_sec (training steps only, validation
     excluded), perf/tokens_seen, perf/wall_clock_s (seconds of training since the first step, validation
     included, continued across resumes), perf/mfu (GPUs with a known bf16 peak; FLOPs as in
     imagegen.train_benchmark) and perf/peak_mem_gb (GiB). tokens_seen and wall_clock_s are logged with
@@ -60,7 +61,7 @@ class ThroughputMonitor(L.Callback):
         tokens = batch.shape[0] * pl_module.grid.num_tokens * trainer.world_size
         self._tokens += tokens
         self.tokens_seen += tokens
-        if trainer.global_step % self.every == 0 and self._start is not None:
+        if self._logs_this_step(trainer) and self._start is not None:
             self._sync(pl_module)
             elapsed = time.perf_counter() - self._start
             speed = self._tokens / elapsed
@@ -70,6 +71,15 @@ class ThroughputMonitor(L.Callback):
             pl_module.log("perf/peak_mem_gb", peak_memory_gib(pl_module.device))
             self._log_progress(pl_module)
             self._start, self._tokens = time.perf_counter(), 0
+
+    def _logs_this_step(self, trainer) -> bool:
+        """Whether to log now: when Lightning writes this batch's step metrics to the loggers (it counts the
+        optimizer steps this run has taken, not global_step, and after a resume the two differ by one, so a test
+        on global_step logged on steps whose metrics Lightning dropped), else every `every` steps."""
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and hasattr(connector, "should_update_logs"):
+            return bool(connector.should_update_logs)
+        return trainer.global_step % self.every == 0
 
     def _log_progress(self, pl_module):
         pl_module.log("perf/tokens_seen", float(self.tokens_seen))

@@ -109,6 +109,22 @@ def test_a_crash_leaves_a_checkpoint_and_the_curves(tiny_cfg, tmp_path, monkeypa
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 5
 
 
+def test_resumed_run_logs_its_throughput(tiny_cfg, tmp_path):
+    """perf/* are logged with Lightning's step metrics in a resumed segment too: after a resume Lightning's count
+    of steps is one ahead of global_step, and a test on global_step logged them on steps whose metrics it drops."""
+    import csv
+
+    run = tmp_path / "run"
+    steps = ["trainer.log_every_n_steps=3", "trainer.val_check_interval=6"]
+    train(tiny_cfg("trainer.max_steps=6", *steps, run_dir=run))
+    train(tiny_cfg("trainer.max_steps=13", *steps, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", run_dir=run))
+    logged = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["train/loss"]]  # the step-metric rows
+    assert {float(r["step"]) >= 6 for r in logged} == {False, True}  # both segments
+    assert all(r["perf/tokens_per_sec"] and r["perf/tokens_seen"] for r in logged), logged  # none dropped
+    seen = [float(r["perf/tokens_seen"]) for r in logged]
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
 def test_subpixel_run_reports_bits_per_dim(tiny_cfg):
     metrics = train(tiny_cfg("tokenizer=subpixel", "data.image_size=4", "model.layout=[column,local,local,local]"))
     assert "val/bits_per_dim" in metrics and "val/bits_per_token" not in metrics
