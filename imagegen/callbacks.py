@@ -1,10 +1,13 @@
-"""Training callbacks: throughput and memory (`perf/*` metrics, the same names for every pattern)."""
+"""Training callbacks: throughput and memory (`perf/*` metrics, the same names for every pattern), a checkpoint
+when training stops on an error, pictures in the run dir (attention patterns, sample grids, loss curves) and
+wandb's summaries."""
 
 from __future__ import annotations
 
 import os
 import resource
 import time
+import warnings
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
@@ -175,7 +178,10 @@ class CurvesPicture(L.Callback):
 
     @rank_zero_only
     def on_exception(self, trainer, pl_module, exception):
-        self._draw(trainer)
+        try:  # the run's own error is what must surface, not one of drawing
+            self._draw(trainer)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"could not draw {self.path} after the error: {e}", stacklevel=1)
 
 
 class PatternPictures(L.Callback):
