@@ -9,6 +9,7 @@ have no `_orig_mod.` prefix and checkpoints load with or without compile.
 from __future__ import annotations
 
 import math
+import os
 
 import lightning as L
 import torch
@@ -118,5 +119,5 @@ class ImageGPT(L.LightningModule):
         checkpoint["imagegen"] = {"format": CHECKPOINT_FORMAT, "grid": str(self.grid),
                                   "tokenizer": self.tokenizer.config()}
         run_id = wandb_run_id(self.loggers) if self._trainer is not None else None
-        if run_id:  # resuming from this checkpoint continues the wandb run (imagegen.training)
-            checkpoint["imagegen"]["wandb_run_id"] = run_id
+        if run_id:  # resuming from this checkpoint in its run dir continues the wandb run (imagegen.training)
+            checkpoint["imagegen"].update(wandb_run_id=run_id, run_dir=os.path.abspath(self.trainer.default_root_dir))

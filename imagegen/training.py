@@ -83,6 +83,15 @@ def checkpoint_mismatch(ckpt: dict, model: dict, tokenizer: dict, ckpt_path: str
     return diffs
 
 
+def continued_wandb_run(ckpt: dict, run_dir: str) -> str | None:
+    """The wandb run a resumed run logs into: the checkpoint's, when it resumes in the run dir that wrote the
+    checkpoint (a crash or a preempted job, as its metrics.csv continues too); None (a new wandb run) when it
+    starts a run dir of its own, e.g. a sweep of fine-tunings from one checkpoint, which must not share a run."""
+    meta = ckpt.get("imagegen") or {}
+    same_dir = meta.get("run_dir") is not None and os.path.abspath(run_dir) == meta["run_dir"]
+    return meta.get("wandb_run_id") if same_dir else None
+
+
 def load_palette(tokenizer, path: str) -> None:
     """Load a palette written by scripts/fit_palette.py."""
     if not os.path.isfile(path):
@@ -183,7 +192,7 @@ def train(cfg: DictConfig) -> dict:
             raise FileNotFoundError(f"ckpt_path {ckpt_path!r} does not exist")
         ckpt = load_checkpoint_info(ckpt_path)
         resume_step = ckpt.get("global_step")
-        wandb_run = (ckpt.get("imagegen") or {}).get("wandb_run_id")
+        wandb_run = continued_wandb_run(ckpt, cfg.paths.run_dir)
         diffs = checkpoint_mismatch(ckpt, mcfg.to_dict(), tokenizer.config(), ckpt_path)
         del ckpt
         if diffs:

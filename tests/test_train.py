@@ -141,14 +141,16 @@ def test_wandb_offline_run(tiny_cfg, tmp_path, monkeypatch, capsys):
 
 
 def test_resume_continues_the_wandb_run(tiny_cfg, tmp_path, monkeypatch):
-    """The checkpoint holds the wandb run's id; resuming from it logs into the same run (a second offline
-    segment with that id, which `wandb sync` joins), unless logger.continue_run=false."""
+    """The checkpoint holds the wandb run's id and run dir; resuming from it in that run dir logs into the same
+    run (a second offline segment with that id, which `wandb sync` joins), unless logger.continue_run=false; a
+    run dir of its own (another run started from the checkpoint) gets a new run."""
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     train(tiny_cfg("logger=wandb", "logger.mode=offline", "trainer.max_steps=2", run_dir=run))
     last = run / "checkpoints" / "last.ckpt"
     run_id = torch.load(last, map_location="cpu", weights_only=False)["imagegen"]["wandb_run_id"]
+
     def run_ids(wandb_dir):  # offline-run-<date>_<time>-<id>, "-1" added when a second one starts that second
         return [re.fullmatch(r"offline-run-\d+_\d+-([a-z0-9]+)(-\d+)?", d.name).group(1)
                 for d in sorted(wandb_dir.glob("offline-run-*"))]
@@ -158,10 +160,14 @@ def test_resume_continues_the_wandb_run(tiny_cfg, tmp_path, monkeypatch):
     assert run_ids(run / "wandb") == [run_id, run_id]
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 4 and resumed["imagegen"]["wandb_run_id"] == run_id
+    train(tiny_cfg("logger=wandb", "logger.mode=offline", "trainer.max_steps=6", f"ckpt_path={last}",
+                   run_dir=tmp_path / "branch"))
+    (branch,) = run_ids(tmp_path / "branch" / "wandb")
+    assert branch != run_id
     train(tiny_cfg("logger=wandb", "logger.mode=offline", "logger.continue_run=false", "trainer.max_steps=6",
-                   f"ckpt_path={last}", run_dir=tmp_path / "fresh"))
-    (fresh,) = run_ids(tmp_path / "fresh" / "wandb")
-    assert fresh != run_id
+                   f"ckpt_path={last}", run_dir=run))
+    ids = run_ids(run / "wandb")
+    assert len(ids) == 3 and ids.count(run_id) == 2  # (names of one second sort by id, not by start)
 
 
 # ------------------------------------------------------------------------------------ errors, early
