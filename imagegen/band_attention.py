@@ -136,13 +136,23 @@ if triton is not None:
         tl.store(LSE + bh * N + qs, m_i * qk_scale + tl.math.log2(l_i), mask=qs < N)  # base-2 log-sum-exp
 
     @triton.jit
+    def _key_tile_grads(q, do, lse, delta, k, v, dk, dv, qs, ks, W, qk_scale):
+        """A query tile's share of one key tile's dk (without the softmax scale, applied once when it is stored)
+        and dv, on the transposed tile (keys x queries); returns ds^T too. p^T and ds^T come out of their dots in
+        the layout the next dots take as their first operand, so nothing is transposed in registers."""
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
+        pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q)
+        return dst, dk, dv
+
+    @triton.jit
     def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, N, W, H, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                        sdb, sdn, sdh, sgb, sgn, sgh, qk_scale, scale, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, D: tl.constexpr):
         """dk and dv of one key tile, accumulated over the query tiles that see its keys: queries n0 .. n0 +
-        BLOCK_N + W - 2, in tiles of BLOCK_M starting at n0. It works on the transposed tile (keys x queries):
-        p^T and ds^T come out of their dots in the layout the next dots take as their first operand, so nothing
-        is transposed in registers (through shared memory)."""
+        BLOCK_N + W - 2, in tiles of BLOCK_M starting at n0 (_key_tile_grads)."""
         n0, bh, b, h, ks, d = _this_tile(H, BLOCK_N, D)
         k = _tile(K, b, h, ks, d, N, skb, skn, skh)
         v = _tile(V, b, h, ks, d, N, svb, svn, svh)
@@ -154,11 +164,7 @@ if triton is not None:
             do = _tile(DO, b, h, qs, d, N, sdb, sdn, sdh)
             lse = tl.load(LSE + bh * N + qs, mask=qs < N, other=0.0)
             delta = tl.load(DELTA + bh * N + qs, mask=qs < N, other=0.0)
-            pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (keys, queries)
-            pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)  # unscaled: scaled once, stored
-            dk += tl.dot(dst, q)
+            _, dk, dv = _key_tile_grads(q, do, lse, delta, k, v, dk, dv, qs, ks, W, qk_scale)
         out = b * sgb + h * sgh + ks[:, None] * sgn + d[None, :]
         tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=(ks < N)[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=(ks < N)[:, None])
@@ -190,15 +196,10 @@ if triton is not None:
                  mask=(qs < N)[:, None])
 
     @triton.jit
-    def _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale):
-        """One (query tile, key tile) pair of the strip backward: its share of dq, dk (both without the softmax
-        scale, applied when they are stored) and dv. It works on the transposed tile (keys x queries), as
-        the dk/dv kernel: only ds is transposed in registers, for dq."""
-        pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-        pt = tl.where(_band(qs, ks, W).trans(), pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)
-        dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
-        dk += tl.dot(dst, q)
+    def _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, W, qk_scale):
+        """One (query tile, key tile) pair of the strip backward: its share of dk and dv (_key_tile_grads) and
+        of dq (without the softmax scale, applied when it is stored): only ds is transposed in registers."""
+        dst, dk, dv = _key_tile_grads(q, do, lse, delta, k, v, dk, dv, qs, ks, W, qk_scale)
         dq += tl.dot(tl.trans(dst), k)
         return dq, dk, dv
 
@@ -244,20 +245,20 @@ if triton is not None:
             q, do, lse, delta = _strip_queries(Q, O, DO, LSE, b, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh,
                                                sdb, sdn, sdh)
             dq = tl.zeros((BLOCK, D), tl.float32)
-            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale)
+            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, W, qk_scale)
             _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh, scale)  # key tile i-1 is complete
             ks = qs
             k = _tile(K, b, h, ks, d, N, skb, skn, skh)
             v = _tile(V, b, h, ks, d, N, svb, svn, svh)
             dk = tl.zeros((BLOCK, D), tl.float32)
             dv = tl.zeros((BLOCK, D), tl.float32)
-            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, N, W, qk_scale)
+            dq, dk, dv = _strip_pair(q, do, lse, delta, k, v, dq, dk, dv, qs, ks, W, qk_scale)
             tl.store(DQ + b * sgb + h * sgh + qs[:, None] * sgn + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                      mask=(qs < N)[:, None])
         qs = stop + tl.arange(0, BLOCK)  # the next strip's first query tile: its share of the last key tile
         q, do, lse, delta = _strip_queries(Q, O, DO, LSE, b, h, bh, qs, d, N, sqb, sqn, sqh, sob, son, soh,
                                            sdb, sdn, sdh)
-        _, dk, dv = _strip_pair(q, do, lse, delta, k, v, tl.zeros((BLOCK, D), tl.float32), dk, dv, qs, ks, N, W,
+        _, dk, dv = _strip_pair(q, do, lse, delta, k, v, tl.zeros((BLOCK, D), tl.float32), dk, dv, qs, ks, W,
                                 qk_scale)
         _store_key_grads(DK, DV, dk, dv, b, h, ks, d, first, N, sgb, sgn, sgh, scale)
 
@@ -274,7 +275,8 @@ def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(B * H * N, dtype=torch.float32, device=q.device)  # (B, h, N)
     bm, bn, *options = LAUNCH["fwd"]
     _band_fwd[(triton.cdiv(N, bm), B * H)](q, k, v, o, lse, N, window, H, *_bnh(q), *_bnh(k), *_bnh(v), *_bnh(o),
-                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D, **compile_options(*options))
+                                           LOG2E / math.sqrt(D), BLOCK_M=bm, BLOCK_N=bn, D=D,
+                                           **compile_options(*options))
     return o, lse
 
 

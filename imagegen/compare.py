@@ -72,7 +72,7 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
     return ys[-1]
 
 
-def validation_curve(rows: list[dict], key: str) -> list[dict]:
+def metric_curve(rows: list[dict], key: str) -> list[dict]:
     """[{step, tokens, seconds, value}] for each row logging `key` (a validation metric, the training loss),
     with tokens seen and wall-clock at that step."""
     def series(name):
@@ -91,7 +91,7 @@ def summarize(run_dir: str) -> dict:
     key = info.get("metric") or next((k for r in rows for k in r if k.startswith("val/bits_per")), None)
     speeds = [r["perf/tokens_per_sec"] for r in rows if "perf/tokens_per_sec" in r]
     steady = speeds[len(speeds) // 2 :] or speeds  # later half: compile and warm-up excluded
-    curve = validation_curve(rows, key) if key else []
+    curve = metric_curve(rows, key) if key else []
     label = "-".join(str(info[k]) for k in ("model", "size", "tokenizer") if k in info) or os.path.basename(run_dir)
     if info.get("devices", 1) > 1:
         label += f" x{info['devices']} devices"
@@ -110,7 +110,7 @@ def summarize(run_dir: str) -> dict:
         "last_val": curve[-1]["value"] if curve else float("nan"),
         "best_val": min(p["value"] for p in curve) if curve else float("nan"),
         "curve": curve,
-        "train_curve": validation_curve(rows, "train/loss"),
+        "train_curve": metric_curve(rows, "train/loss"),
     }
 
 
