@@ -22,6 +22,7 @@ weight, as autocast does), e.g. to time one against the other.
 from __future__ import annotations
 
 import os
+from typing import List  # noqa: UP035 (torch 2.5 infers an op's schema from typing.List, not list[...])
 
 import torch
 
@@ -65,7 +66,7 @@ if triton is not None:
             _cast_part(SRC3, DST3, N3, pid - end2, BLOCK)
 
 
-def _cast_kernels(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+def _cast_kernels(tensors: List[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:  # noqa: UP006
     """Contiguous copies of `tensors` in `dtype`: on CUDA the contiguous ones four at a time in one Triton kernel,
     any other (a gradient a GEMM wrote transposed; anything on a CPU) by its own copy."""
     outs = [torch.empty(t.shape, dtype=dtype, device=t.device) for t in tensors]
