@@ -39,6 +39,67 @@ def run_python(code: str, **env: str) -> str:
     return done.stdout
 
 
+# Prepended to code that compiles a kernel without a GPU: compile_for_hopper(kernel, signature, constexprs,
+# **options) -> the kernel compiled for sm_90 (H100/H200). signature gives every argument's type ("*bf16", "i32",
+# "constexpr" for those in constexprs). Triton >= 3.3 takes it so; 3.1 and 3.2 (torch 2.5, 2.6) take the
+# constexprs as `constants` and no "constexpr" entries, 3.1 both keyed by argument position.
+COMPILE_FOR_HOPPER = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def compile_for_hopper(kernel, signature, constexprs, **options):
+    try:
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    except TypeError:  # Triton < 3.3
+        types = {name: kind for name, kind in signature.items() if kind != "constexpr"}
+        if triton.__version__.startswith("3.1."):
+            types = {kernel.arg_names.index(name): kind for name, kind in types.items()}
+            constexprs = {kernel.arg_names.index(name): value for name, value in constexprs.items()}
+        source = ASTSource(fn=kernel, signature=types, constants=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+"""
+
+# What our kernels ask of Triton's CPU interpreter: a constexpr handed on to a helper function, and a loop bounded
+# by a kernel argument. Triton 3.1's interpreter fails the first (arange of a non-constexpr); before 3.6 it fails the
+# second with NumPy >= 2.4 (it converts a one-element array to an int).
+INTERPRETER_PROBE = r"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _positions(start, BLOCK: tl.constexpr):
+    return start + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _probe(X, n, BLOCK: tl.constexpr):
+    for start in range(0, n, BLOCK):
+        offsets = _positions(start, BLOCK)
+        tl.store(X + offsets, offsets, mask=offsets < n)
+
+
+x = torch.zeros(10, dtype=torch.int32)
+_probe[(1,)](x, 10, BLOCK=4)
+assert x.tolist() == list(range(10)), x
+"""
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter():
+    """Skips a test of our kernels in Triton's CPU interpreter where this Triton's interpreter cannot run what
+    they are written with (INTERPRETER_PROBE), saying why; compiling them for sm_90 is tested apart."""
+    triton = pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", INTERPRETER_PROBE], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        pytest.skip(f"Triton {triton.__version__}'s CPU interpreter cannot run our kernels' constructs: {last}")
+
+
 def compose_cfg(overrides, run_dir):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

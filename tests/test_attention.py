@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import COMPILE_FOR_HOPPER, run_python
 
 from imagegen.attention import BACKENDS, Grid, attend, check_layout, supports
 from imagegen.patterns import LayerSpec, PatternParams
@@ -207,19 +207,15 @@ assert worst < 1e-4, worst
 """
 
 
-def test_triton_kernels_equal_reference_in_the_interpreter():
+def test_triton_kernels_equal_reference_in_the_interpreter(triton_interpreter):
     """Our Triton kernels (column/row, local band; forward and backward; separate and packed q, k, v), run by
     Triton's CPU interpreter in fp32, equal the reference on odd grids, C = 3, rows = 2 and strided inputs, and
     their custom ops pass torch.library.opcheck. On the GPU: test_gpu.py."""
-    pytest.importorskip("triton")
     assert "max rel err" in run_python(INTERPRETED_CHECK, TRITON_INTERPRET="1")
 
 
 HOPPER_COMPILE = r"""
 import inspect
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from imagegen import band_attention as band, short_attention as short
 
 def signature(kernel, constexprs):
@@ -235,15 +231,13 @@ def signature(kernel, constexprs):
             types[name] = "i32"
     return types
 
-target = GPUTarget("cuda", 90, 32)  # Hopper (H100/H200)
 for kernel, constexprs in [(band._band_fwd, dict(BLOCK_M=64, BLOCK_N=128, D=64)),
                            (band._band_bwd_dkdv, dict(BLOCK_M=64, BLOCK_N=64, D=64)),
                            (band._band_bwd_dq, dict(BLOCK_M=128, BLOCK_N=64, D=64)),
                            (band._band_bwd_strip, dict(BLOCK=64, D=64)),
                            (short._short_fwd, dict(BLOCK_S=64, D=64)),
                            (short._short_bwd, dict(BLOCK_S=64, D=64))]:
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature(kernel, constexprs), constexprs=constexprs),
-                              target=target, options={"num_warps": 4, "num_stages": 3})
+    compiled = compile_for_hopper(kernel, signature(kernel, constexprs), constexprs, num_warps=4, num_stages=3)
     assert "cubin" in compiled.asm, kernel.fn.__name__
     print(kernel.fn.__name__, "compiled for sm_90")
 """
@@ -253,4 +247,5 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
     """The interpreter runs kernels as Python, so code that real Triton rejects (e.g. starred arguments in a
     jit call) passes there; compiling each kernel for sm_90 to a cubin, which needs no GPU, catches it."""
     pytest.importorskip("triton")
-    assert run_python(HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path)).count("compiled for sm_90") == 6
+    out = run_python(COMPILE_FOR_HOPPER + HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path))
+    assert out.count("compiled for sm_90") == 6

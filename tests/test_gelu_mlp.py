@@ -161,25 +161,26 @@ from imagegen.dgelu_matmul import Launch
 
 torch.manual_seed(0)
 worst = 0.0
-for (M, K, N), launch in (((70, 64, 40), Launch(64, 32, 64, 8, 4, 2)),             # one program per tile
-                          ((130, 128, 296), Launch(64, 64, halves=2, per_sm=1)),  # persistent, halves
-                          ((130, 64, 200), Launch(32, 64, prefetch_h=True))):     # h read before the K loop
+# (rows of N a multiple of 16 elements: Triton 3.5's interpreter wants that of a tensor descriptor's strides)
+for (M, K, N), launch in (((70, 64, 48), Launch(64, 32, 64, 8, 4, 2)),             # one program per tile
+                          ((130, 128, 304), Launch(64, 64, halves=2, per_sm=1)),  # persistent, halves
+                          ((130, 64, 208), Launch(32, 64, prefetch_h=True))):     # h read before the K loop
     dy, w, h = torch.randn(M, K), torch.randn(K, N) / 8, torch.randn(M, N) * 3  # large |h|: tanh saturates
     product = dy @ w
     ref = torch.ops.aten.gelu_backward(product, h, approximate="tanh")
     worst = max(worst, ((dgelu_matmul._launch(dy, w, h, launch) - ref).norm() / ref.norm()).item(),
                 ((dgelu_matmul._launch(dy, w, h, launch, dgelu=False) - product).norm() / product.norm()).item())
-dy, w, h = torch.randn(40, 64), torch.randn(64, 24) / 8, torch.randn(40, 24)
+dy, w, h = torch.randn(40, 64), torch.randn(64, 32) / 8, torch.randn(40, 32)
 torch.library.opcheck(dgelu_matmul._op, (dy, w, h))  # the custom op's schema, fake and dispatch
 print("max rel err", worst)
 assert worst < 1e-5, worst
 """
 
 
-def test_matmul_dgelu_kernel_equals_gelu_backward_in_the_interpreter():
+def test_matmul_dgelu_kernel_equals_gelu_backward_in_the_interpreter(triton_interpreter):
     """imagegen.dgelu_matmul's Triton kernel, run by Triton's CPU interpreter in fp32: (dy @ w) * gelu_tanh'(h)
     equals aten's gelu_backward of the GEMM, on sizes that are no multiple of its tiles. In bf16: test_gpu.py."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton.tools.tensor_descriptor")  # (Triton >= 3.4; before, the model uses cuBLAS's path)
     assert "max rel err" in run_python(DGELU_INTERPRETED, TRITON_INTERPRET="1")
 
 
@@ -219,6 +220,11 @@ def test_pingpong_kernel_compiles_for_hopper(tmp_path):
     in shared memory), with its warp-specialized partitions and within the 227 KiB of shared memory an
     H100/H200 program may have; the forward's epilogue has its tanh and two TMA stores. Results: test_gpu.py."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    import triton
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+        pytest.skip(f"Triton {triton.__version__}'s Gluon API is not the one this kernel is written for (3.6); "
+                    "the kernel fails there and the model falls back with a warning (test_*_falls_back_*)")
     import re
 
     out = run_python(PINGPONG_COMPILE, TRITON_CACHE_DIR=str(tmp_path))

@@ -5,7 +5,7 @@ The compiled layer norm on a GPU: test_gpu.py."""
 import types
 
 import pytest
-from conftest import run_python
+from conftest import COMPILE_FOR_HOPPER, run_python
 
 from imagegen import inductor_sums
 
@@ -102,21 +102,16 @@ print("interpreted ok")
 """
 
 
-def test_column_sum_kernel_equals_torch_sum_in_the_interpreter():
-    pytest.importorskip("triton")
+def test_column_sum_kernel_equals_torch_sum_in_the_interpreter(triton_interpreter):
     assert "interpreted ok" in run_python(INTERPRETED, TRITON_INTERPRET="1")
 
 
 HOPPER_COMPILE = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from imagegen import inductor_sums as s
 signature = {"X": "*fp32", "OUT0": "*fp32", "OUT1": "*fp32", "OUT2": "*fp32", "OUT3": "*fp32", "S": "i32", "R": "i32",
              "stride": "i32", "slice_stride": "i32", "BLOCK_S": "constexpr", "BLOCK_R": "constexpr"}
-compiled = triton.compile(ASTSource(fn=s._column_sums, signature=signature,
-                                    constexprs={"BLOCK_S": s.BLOCK_S, "BLOCK_R": s.BLOCK_R}),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": s.WARPS})
+compiled = compile_for_hopper(s._column_sums, signature, {"BLOCK_S": s.BLOCK_S, "BLOCK_R": s.BLOCK_R},
+                              num_warps=s.WARPS)
 assert "cubin" in compiled.asm
 print("compiled for sm_90")
 """
@@ -124,4 +119,4 @@ print("compiled for sm_90")
 
 def test_column_sum_kernel_compiles_for_hopper(tmp_path):
     pytest.importorskip("triton")
-    assert "compiled for sm_90" in run_python(HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path))
+    assert "compiled for sm_90" in run_python(COMPILE_FOR_HOPPER + HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path))

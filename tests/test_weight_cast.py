@@ -3,7 +3,7 @@ own casts, eager and compiled (CPU autocast, bf16)."""
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import COMPILE_FOR_HOPPER, run_python
 
 from imagegen import weight_cast
 from imagegen.model import ImageTransformer, ModelConfig
@@ -76,20 +76,15 @@ print("interpreted ok")
 """
 
 
-def test_cast_kernel_copies_every_tensor_in_the_interpreter():
-    pytest.importorskip("triton")
+def test_cast_kernel_copies_every_tensor_in_the_interpreter(triton_interpreter):
     assert "interpreted ok" in run_python(INTERPRETED, TRITON_INTERPRET="1")
 
 
 HOPPER_COMPILE = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from imagegen import weight_cast as w
 signature = {**{f"SRC{k}": "*fp32" for k in range(4)}, **{f"DST{k}": "*bf16" for k in range(4)},
              **{f"N{k}": "i32" for k in range(4)}, "BLOCK": "constexpr"}
-compiled = triton.compile(ASTSource(fn=w._cast_four, signature=signature, constexprs={"BLOCK": w.BLOCK}),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": w.WARPS})
+compiled = compile_for_hopper(w._cast_four, signature, {"BLOCK": w.BLOCK}, num_warps=w.WARPS)
 ptx = compiled.asm["ptx"]
 assert "cvt.rn.bf16" in ptx and "cvt.rz" not in ptx  # rounded to nearest even, as torch's .to(torch.bfloat16)
 print("compiled for sm_90")
@@ -98,4 +93,4 @@ print("compiled for sm_90")
 
 def test_cast_kernel_compiles_for_hopper_rounding_to_nearest_even(tmp_path):
     pytest.importorskip("triton")
-    assert "compiled for sm_90" in run_python(HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path))
+    assert "compiled for sm_90" in run_python(COMPILE_FOR_HOPPER + HOPPER_COMPILE, TRITON_CACHE_DIR=str(tmp_path))
