@@ -90,13 +90,16 @@ assert x.tolist() == list(range(10)), x
 
 @pytest.fixture(scope="session")
 def triton_interpreter():
-    """Skips a test of our kernels in Triton's CPU interpreter where this Triton's interpreter cannot run what
-    they are written with (INTERPRETER_PROBE), saying why; compiling them for sm_90 is tested apart."""
+    """Skips a test of our kernels in Triton's CPU interpreter where an older Triton's interpreter (before 3.6)
+    cannot run what they are written with (INTERPRETER_PROBE), saying why; compiling them for sm_90 is tested
+    apart. From Triton 3.6 on, a probe that fails fails the test."""
     triton = pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-c", INTERPRETER_PROBE], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6):
+            pytest.fail(f"Triton {triton.__version__}'s CPU interpreter failed the probe kernel: {done.stderr[-3000:]}")
         pytest.skip(f"Triton {triton.__version__}'s CPU interpreter cannot run our kernels' constructs: {last}")
 
 
