@@ -17,6 +17,7 @@ import math
 import re
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -548,28 +549,64 @@ def fits(kind: str, batch: int, checkpointing: bool, size: tuple = LARGEST) -> d
         torch.cuda.empty_cache()
 
 
-def bench_largest(max_batch: int = 64) -> dict:
+def largest_batch(fits_at, max_batch: int) -> tuple[int, dict | None, list[int]]:
+    """The largest batch b <= max_batch with fits_at(b) not None, taking fits to be monotone in b: the batch doubles
+    from 1 until it does not fit, then the gap between the last batch that fit and the first that did not is halved
+    until none is left. -> (b, fits_at(b), the batches tried in order); (0, None, ...) when batch 1 does not fit."""
+    best, result, tried = 0, None, []
+
+    def attempt(batch: int) -> bool:
+        nonlocal best, result
+        tried.append(batch)
+        got = fits_at(batch)
+        if got is not None:
+            best, result = batch, got
+        return got is not None
+
+    batch = 1
+    while batch <= max_batch and attempt(batch):
+        batch *= 2
+    low, high = best, min(batch, max_batch + 1)  # low fits (or is 0), high does not or is past max_batch
+    while high - low > 1 and best:
+        middle = (low + high) // 2
+        if attempt(middle):
+            low = middle
+        else:
+            high = middle
+    return best, result, tried
+
+
+def bench_largest(max_batch: int = 128, memory_gib: float | None = None) -> dict:
     """The largest batch of the paper's ImageNet 64x64 size that trains on this card, dense and sparse,
-    with and without activation checkpointing (doubling the batch until it does not fit)."""
-    rows = []
-    for kind in ("dense", "sparse"):
-        for checkpointing in (False, True):
-            best, batch = None, 1
-            while batch <= max_batch:
-                got = fits(kind, batch, checkpointing)
-                if got is None:
-                    break
-                best = {"model": kind, "activation_checkpointing": checkpointing, "batch": batch, **got}
-                batch *= 2
-            rows.append(best or {"model": kind, "activation_checkpointing": checkpointing, "batch": 0})
-            print(rows[-1], flush=True)
+    with and without activation checkpointing (largest_batch: doubled, then bisected). memory_gib: the caching
+    allocator may hold no more than this (torch.cuda.set_per_process_memory_fraction), e.g. 79 on a larger card
+    to ask what fits an 80 GB one (the CUDA context's own memory is not counted in the cap)."""
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return {"device": torch.cuda.get_device_name(), "memory_gib": total, "size": LARGEST[0], "largest": rows}
+    if memory_gib is not None:
+        if not 0 < memory_gib <= total:
+            raise ValueError(f"memory_gib must be in (0, {total:.1f}] on this card, got {memory_gib}")
+        torch.cuda.set_per_process_memory_fraction(memory_gib / total)
+    rows = []
+    try:
+        for kind in ("dense", "sparse"):
+            for checkpointing in (False, True):
+                batch, got, tried = largest_batch(partial(fits, kind, checkpointing=checkpointing), max_batch)
+                rows.append({"model": kind, "activation_checkpointing": checkpointing, "batch": batch,
+                             "tried": tried, **(got or {})})
+                print(rows[-1], flush=True)
+    finally:
+        if memory_gib is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    return {"device": torch.cuda.get_device_name(), "memory_gib": total, "cap_gib": memory_gib,
+            "max_batch": max_batch, "size": LARGEST[0], "largest": rows}
 
 
 def format_largest(result: dict) -> str:
-    out = [(f"Largest batch that trains: {result['size']} ({result['device']}, {result['memory_gib']:.0f} GiB; "
-            "eager bf16 steps, batch doubled until out of memory)"),
+    cap = result.get("cap_gib")
+    memory = f"capped at {cap:g} of its {result['memory_gib']:.0f} GiB" if cap else f"{result['memory_gib']:.0f} GiB"
+    search = ("batch doubled until out of memory" if "tried" not in result["largest"][0] else
+              f"batch doubled until out of memory, then bisected; at most {result.get('max_batch')}")
+    out = [f"Largest batch that trains: {result['size']} ({result['device']}, {memory}; eager bf16 steps, {search})",
            "| model | activation checkpointing | batch | tokens per step | peak memory | s/step (eager) |",
            "|---|---|---|---|---|---|"]
     for r in result["largest"]:
@@ -578,4 +615,8 @@ def format_largest(result: dict) -> str:
             continue
         out.append(f"| {r['model']} | {r['activation_checkpointing']} | {r['batch']} | {r['batch'] * 12288:,} | "
                    f"{r['peak_mem_gib']:.1f} GiB | {r['s_per_step_eager']:.2f} |")
+    tried = [f"{r['model']}, checkpointing {r['activation_checkpointing']}: {r['tried']}"
+             for r in result["largest"] if "tried" in r]
+    if tried:
+        out += ["", "Batches tried, in order: " + "; ".join(tried)]
     return "\n".join(out)

@@ -5,6 +5,7 @@
     python scripts/benchmark.py train --anchor ../shared/anchors/model_bench.py [--sizes 0 1 2] [--out train.json]
                                                                      # training step: ours vs the anchor GPT
     python scripts/benchmark.py largest [--out largest.json]        # largest ImageNet-64 batch that trains (GPU)
+    python scripts/benchmark.py largest --memory-gib 79             # ... within 79 GiB of a larger card (an 80 GB one's)
     python scripts/benchmark.py profile [--model sparse] [--sizes 0]  # where one training step's GPU time goes
     (train and profile: --residual-dtypes float32 autocast also times the bf16 residual stream,
      --mlp-backends torch cublaslt the MLP with its forward GELU in a cuBLASLt GEMM epilogue)
@@ -37,6 +38,9 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+",
                         help="train: which of the sizes to run (0, 1, 2); profile, gemms: the first; tune: which "
                              "attention-table shapes (0: N=4096 x 16, 1: N=12288 x 4)")
+    parser.add_argument("--memory-gib", type=float,
+                        help="largest: let PyTorch's allocator hold at most this many GiB (a smaller card's memory)")
+    parser.add_argument("--max-batch", type=int, default=128, help="largest: the largest batch to try")
     parser.add_argument("--model", default="sparse", choices=["dense", "sparse"], help="profile: which model")
     parser.add_argument("--models", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
                         help="train: which of our models to time beside the anchor")
@@ -61,6 +65,8 @@ def main():
               "tune": len(benchmark.ATTENTION_SHAPES)}
     if args.sizes and args.what in shapes and not all(0 <= i < shapes[args.what] for i in args.sizes):
         parser.error(f"--sizes for {args.what} are 0 to {shapes[args.what] - 1}, got {args.sizes}")
+    if args.what == "largest" and (args.max_batch < 1 or (args.memory_gib is not None and args.memory_gib <= 0)):
+        parser.error("largest: --max-batch must be at least 1 and --memory-gib positive")
     if args.what in ("largest", "tune", "calls", "mlp", "gemms", "dgelu", "sums") and not torch.cuda.is_available():
         parser.error(f"'{args.what}' measures CUDA kernels and needs a GPU")
     first_size = (args.sizes or [0])[0]
@@ -77,7 +83,8 @@ def main():
         "dgelu": (dgelu_survey.bench_dgelu, dgelu_survey.format_dgelu),
         "sums": (sums_survey.bench_sums, sums_survey.format_sums),
         "mlp": (lambda: train_benchmark.bench_mlp(quick=args.quick), train_benchmark.format_mlp),
-        "largest": (train_benchmark.bench_largest, train_benchmark.format_largest),
+        "largest": (lambda: train_benchmark.bench_largest(args.max_batch, args.memory_gib),
+                    train_benchmark.format_largest),
         "train": (lambda: train_benchmark.bench_train(
             quick=args.quick, anchor_path=args.anchor, sizes=args.sizes, compile_modes=tuple(args.compile_modes),
             residual_dtypes=tuple(args.residual_dtypes), models=tuple(args.models),

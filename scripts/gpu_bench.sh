@@ -25,6 +25,9 @@
 #            each in its own process with its own anchor row
 # gemms:     scripts/benchmark.py gemms at GEMM_SIZES (default "0 1"): each GEMM of a training step, torch.mm against
 #            the fastest of cuBLASLt's heuristic candidates
+# largest:   scripts/benchmark.py largest: the largest batch of the 48-layer ImageNet 64x64 model that trains, dense
+#            and sparse, with and without activation checkpointing (LARGEST_MAX_BATCH, default 128;
+#            LARGEST_MEMORY_GIB: cap the allocator, e.g. 79 for an 80 GB card's memory on a larger one)
 # tests:     the gpu-marked tests (bf16 exactness of every backend, CUDA-graph decoding, compiled model;
 #            TEST_K: a pytest -k expression to run some of them)
 # runs:      scripts/train.py itself (model=RUN_MODEL, default sparse, RUN_STEPS steps, default 400), once per
@@ -104,6 +107,10 @@ for stage in "$@"; do
                  --compile-modes "${PROFILE_MODE:-default}" \
                  --out "$OUT/profile_$size.json" ${PROFILE_TRACE:+--trace "$OUT/trace_$size.json.gz"} \
                  2>&1 | grep -v "^STAGE:\|USDT" | tee "$OUT/profile_$size.md"; done ;;
+    largest) timeout "${LARGEST_TIMEOUT:-3600}" python scripts/benchmark.py largest --max-batch "${LARGEST_MAX_BATCH:-128}" \
+               ${LARGEST_MEMORY_GIB:+--memory-gib $LARGEST_MEMORY_GIB} --out "$OUT/largest.json" \
+               > "$OUT/largest.log" 2>&1; echo "exit $?"
+             grep -v "^{" "$OUT/largest.log" | tail -n 12 | tee "$OUT/largest.md" ;;
     tests) timeout "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py \
              ${TEST_K:+-k "$TEST_K"} > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?"
            grep -E "bf16|passed|failed|Error|assert" "$OUT/gpu_tests.log" | tail -n 60 ;;

@@ -212,3 +212,34 @@ def test_gpu_only_benchmarks_say_so_on_a_cpu(what):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert f"'{what}' measures CUDA kernels and needs a GPU" in done.stderr
+
+
+@pytest.mark.parametrize("fits_up_to", [0, 1, 3, 4, 5, 37, 64, 100, 128, 500])
+def test_largest_batch_doubles_then_bisects_to_the_exact_largest(fits_up_to):
+    """`benchmark.py largest` finds the largest batch that fits, not only a power of two, in few trials."""
+    from imagegen.train_benchmark import largest_batch
+
+    batch, result, tried = largest_batch(lambda b: {"batch": b} if b <= fits_up_to else None, max_batch=100)
+    assert batch == min(fits_up_to, 100)
+    assert result == ({"batch": batch} if batch else None)
+    assert len(tried) == len(set(tried)) <= 2 * 8  # doubling to 128, then halving a gap of at most 64
+    assert max(tried) <= 100 and (batch == 100 or batch + 1 in tried or fits_up_to == 0)
+
+
+def test_largest_table_names_the_cap_and_the_batches_tried():
+    from imagegen.train_benchmark import format_largest
+
+    row = {"model": "sparse", "activation_checkpointing": False, "batch": 6, "tried": [1, 2, 4, 8, 6, 7],
+           "peak_mem_gib": 70.2, "s_per_step_eager": 0.4}
+    table = format_largest({"device": "NVIDIA H200", "memory_gib": 139.8, "cap_gib": 79.0, "max_batch": 128,
+                            "size": "48L", "largest": [row, {**row, "model": "dense", "batch": 0, "tried": [1]}]})
+    assert "capped at 79 of its 140 GiB" in table and "then bisected; at most 128" in table
+    assert "| sparse | False | 6 | 73,728 | 70.2 GiB | 0.40 |" in table
+    assert "| dense | False | does not fit at batch 1 |" in table
+    assert "sparse, checkpointing False: [1, 2, 4, 8, 6, 7]" in table
+
+
+def test_largest_refuses_a_bad_memory_cap_before_any_work():
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "largest", "--memory-gib", "-1"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "--memory-gib positive" in done.stderr
