@@ -39,6 +39,11 @@ def run_python(code: str, **env: str) -> str:
     return done.stdout
 
 
+def triton_version(triton) -> tuple[int, int]:
+    """(major, minor) of the installed Triton module."""
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
 # Prepended to code that compiles a kernel without a GPU: compile_for_hopper(kernel, signature, constexprs,
 # **options) -> the kernel compiled for sm_90 (H100/H200). signature gives every argument's type ("*bf16", "i32",
 # "constexpr" for those in constexprs). Triton >= 3.3 takes it so; 3.1 and 3.2 (torch 2.5, 2.6) take the
@@ -98,7 +103,7 @@ def triton_interpreter():
                           capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-        if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 6):
+        if triton_version(triton) >= (3, 6):
             pytest.fail(f"Triton {triton.__version__}'s CPU interpreter failed the probe kernel: {done.stderr[-3000:]}")
         pytest.skip(f"Triton {triton.__version__}'s CPU interpreter cannot run our kernels' constructs: {last}")
 

@@ -6,7 +6,7 @@ fallbacks. The GEMMs in bf16: tests/test_gpu.py."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_python
+from conftest import run_python, triton_version
 
 from imagegen import cublaslt
 from imagegen.gelu_mlp import gelu_mlp, gelu_mlp_runs
@@ -222,7 +222,7 @@ def test_pingpong_kernel_compiles_for_hopper(tmp_path):
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     import triton
 
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+    if triton_version(triton) < (3, 6):
         pytest.skip(f"Triton {triton.__version__}'s Gluon API is not the one this kernel is written for (3.6); "
                     "the kernel fails there and the model falls back with a warning (test_*_falls_back_*)")
     import re
